@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each bootstraps .venv with Python 3.12 and (re)installs the package when setup.cfg,
+# pyproject.toml or constraints.txt changed since the last install.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# python3.12 from PATH if it runs, otherwise a pyenv install of 3.12.
+PYTHON312 ?= $(shell if python3.12 -c '' >/dev/null 2>&1; then echo python3.12; \
+	else ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1; fi)
+
+.PHONY: demo test bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (install python3.12 or set PYTHON312=/path/to/python3.12)" >&2; exit 1; fi
+	@[ -x $(PY) ] || $(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m projects.starnet.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=25 tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q -m benchmark benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

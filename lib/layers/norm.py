@@ -1,0 +1,81 @@
+"""Normalisation layers with PyTorch defaults (eps 1e-5), always computed in float32.
+
+The output is cast back to ``dtype`` (or the input's dtype), so bfloat16 models keep float32
+statistics.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lib import sharding
+
+
+def _ones(n, dtype):
+    return sharding.param(jnp.ones((n,), dtype), ("channels",))
+
+
+def _zeros(n, dtype):
+    return sharding.param(jnp.zeros((n,), dtype), ("channels",))
+
+
+class BatchNorm(nnx.Module):
+    """``torch.nn.BatchNorm2d`` over the last (channel) axis of an NHWC tensor.
+
+    ``momentum`` is PyTorch's (0.1: new = 0.9 * old + 0.1 * batch). As in PyTorch the running
+    variance is updated with the unbiased batch variance while the output is normalised with the
+    biased one. Under ``jax.jit`` with the batch sharded over devices the statistics are global
+    (synchronised) batch statistics. ``model.eval()`` sets ``use_running_average``.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
+                 use_running_average: bool = False, dtype=None, param_dtype=jnp.float32):
+        self.num_features, self.momentum, self.epsilon = num_features, momentum, epsilon
+        self.use_running_average, self.dtype = use_running_average, dtype
+        self.scale = _ones(num_features, param_dtype)
+        self.bias = _zeros(num_features, param_dtype)
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32), out_sharding=("channels",),
+                                  eager_sharding=False)
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32), out_sharding=("channels",),
+                                 eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.num_features:
+            raise ValueError(f"BatchNorm expects {self.num_features} channels in the last axis, "
+                             f"got shape {tuple(x.shape)}")
+        out_dtype = self.dtype or x.dtype
+        x32 = x.astype(jnp.float32)
+        axes = tuple(range(x.ndim - 1))
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)
+            n = x32.size // x32.shape[-1]
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * mean
+            self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(out_dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``torch.nn.LayerNorm(C)`` over the last axis (eps 1e-5), computed in float32."""
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-5, dtype=None, param_dtype=jnp.float32):
+        self.num_features, self.epsilon, self.dtype = num_features, epsilon, dtype
+        self.scale = _ones(num_features, param_dtype)
+        self.bias = _zeros(num_features, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.num_features:
+            raise ValueError(f"LayerNorm expects {self.num_features} features in the last axis, "
+                             f"got shape {tuple(x.shape)}")
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)
