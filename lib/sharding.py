@@ -88,7 +88,7 @@ def state_shardings(state, mesh: Mesh, rules: Sequence[tuple[str, str | None]] =
     """NamedShardings for an ``nnx.State`` (abstract or concrete) from its logical names."""
     def one(var):
         names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-        shape = var.value.shape if isinstance(var, nnx.Variable) else np.shape(var)
+        shape = var.get_value().shape if isinstance(var, nnx.Variable) else np.shape(var)
         return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -177,7 +177,7 @@ def save_weights(model: nnx.Module, path: str | Path) -> Path:
     path = Path(path).absolute()
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new directory for the weights")
-    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat)).to_pure_dict()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, state)
         ckptr.wait_until_finished()
@@ -201,11 +201,12 @@ def load_weights(model: nnx.Module, path: str | Path, *, mesh: Mesh | None = Non
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+                          state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restored = ckptr.restore(path, target)
         except ValueError as e:
             raise WeightConversionError(f"{path} does not hold weights for {type(model).__name__}: {e}") from e
-    nnx.update(model, restored)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
     return model

@@ -1,0 +1,28 @@
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and the golden fixtures."""
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+# Must run before any JAX computation initialises the backend.
+jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
+sys.path.insert(0, str(GOLDEN_DIR))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not (GOLDEN_DIR / "golden.py").exists():
+        pytest.fail(f"golden fixtures not found at {GOLDEN_DIR} (expected ../shared/golden beside the repo)")
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def golden(golden_dir):
+    import golden as golden_module
+    return golden_module
