@@ -23,7 +23,8 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m projects.starnet.demo
+	rm -rf workdirs/demo && mkdir -p workdirs
+	$(PY) -m projects.starnet.train --config configs/starnet/digits.py --workdir workdirs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests

@@ -187,6 +187,11 @@ def _finish(ds: grain.MapDataset, cfg: Any) -> grain.IterDataset:
     it_ds = ds.to_iter_dataset(_read_options(cfg))
     num_workers = int(_get(cfg, "num_workers", 0))
     if num_workers > 0:
+        # grain's worker processes read absl flags; outside absl.app (pytest, notebooks, plain
+        # scripts) they were never parsed, so take the defaults rather than crash.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return it_ds
 

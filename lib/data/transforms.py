@@ -20,6 +20,7 @@ low level keeps 0 bits), so that recipes tuned with timm transfer unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import re
@@ -341,12 +342,29 @@ class RandAugment:
 # ------------------------------------------------------------------------------------------------
 # Float stages
 
+@functools.lru_cache(maxsize=16)
+def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``[256, C]`` float32 table: the normalised value of every uint8 level, per channel."""
+    std32 = np.asarray(std, np.float32)
+    levels = np.arange(256, dtype=np.float32)[:, None]
+    return (levels * (1.0 / (255.0 * std32)) - np.asarray(mean, np.float32) / std32).astype(np.float32)
+
+
 def normalize(image: np.ndarray | Image.Image, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """uint8 RGB -> float32 ``(x / 255 - mean) / std`` (mean/std on the 0..1 scale)."""
-    x = np.asarray(image, dtype=np.float32)
-    scale = 1.0 / (255.0 * np.asarray(std, np.float32))
-    return (x * scale - np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+    """uint8 RGB -> float32 ``(x / 255 - mean) / std`` (mean/std on the 0..1 scale).
+
+    A per-channel lookup table: the input has only 256 levels, and a gather is ~3x faster than
+    float arithmetic over the whole image.
+    """
+    x = np.asarray(image)
+    if x.dtype != np.uint8:
+        raise ValueError(f"normalize expects a uint8 image, got {x.dtype}")
+    lut = _normalize_lut(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    out = np.empty(x.shape, np.float32)
+    for c in range(x.shape[-1]):
+        out[..., c] = lut[:, c][x[..., c]]
+    return out
 
 
 ERASE_MODES = ("pixel", "rand", "const")

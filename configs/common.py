@@ -1,0 +1,68 @@
+"""Shared config pieces: big_vision's ``parse_arg`` and the training defaults every recipe starts from."""
+from __future__ import annotations
+
+import ml_collections
+
+from lib import data
+
+
+def parse_arg(arg: str | None, lazy: bool = False, **spec):
+    """Parse ``"variant=s1,runlocal"`` (the part after ``config.py:``) against typed defaults.
+
+    ``spec`` gives each known key's default; its type converts the string. A bare word is a
+    boolean True. Unknown keys are an error, so a typo never goes unnoticed.
+    """
+    out = ml_collections.ConfigDict(dict(spec))
+    if not arg:
+        return out
+    for item in arg.split(","):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        if key not in spec:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(spec)}")
+        default = spec[key]
+        if not value:
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif default is None:
+            out[key] = value
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults for :func:`lib.train.loop.run`; recipes override what they need."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(name="starnet_s1", kwargs=ml_collections.ConfigDict()))
+    c.num_classes = 1000
+    c.input = data.default_input_config()
+    c.input.batch_size = 2048                 # global batch, over all processes and devices
+    c.mesh = [("data", -1)]                   # data parallel over every device
+    c.sharding_rules = [("batch", "data")]    # FSDP: add ("out_channels", "data"), ("classes", "data")
+    c.optimizer = "adamw"
+    c.lr = 3e-3
+    c.min_lr = 1e-5
+    c.warmup_lr = 1e-6
+    c.warmup_epochs = 5
+    c.total_epochs = 300
+    c.cooldown_epochs = 10
+    c.total_steps = 0                         # 0: derived from the epochs
+    c.schedule_per_epoch = True               # timm's per-epoch stepping, as the official runs
+    c.wd = 0.05
+    c.momentum = 0.9                          # SGD only
+    c.grad_clip = ml_collections.config_dict.placeholder(float)
+    c.grad_accum_steps = 1
+    c.label_smoothing = 0.1
+    c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5))
+    c.ema_decay = 0.0
+    c.log_every = 50
+    c.eval_every = 0                          # 0: only at the end
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.init_from = ml_collections.config_dict.placeholder(str)
+    c.eval_only = False
+    return c

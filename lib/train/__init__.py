@@ -1,0 +1,1 @@
+"""Model-agnostic training machinery: schedules, losses, optimizer, jitted steps, checkpoints, loop."""

@@ -1,0 +1,38 @@
+"""The command line shared by every project's ``train.py``: ``--config``, ``--workdir``, overrides.
+
+``--config path.py:arg`` loads an ml-collections ``get_config(arg)``; ``--config.key=value``
+overrides any entry (unknown keys are rejected by ml-collections before anything runs). For
+multi-host runs, ``jax.distributed.initialize`` is called when ``--coordinator`` is given or the
+environment of a cluster (TPU pod, SLURM, Open MPI) is detected by JAX.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (path.py[:arg]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (resumes if it has a checkpoint).")
+flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _main(argv):
+    del argv
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    import jax
+    if FLAGS.coordinator:
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+        jax.distributed.initialize()
+    from lib.train import loop
+    loop.run(FLAGS.config, FLAGS.workdir)
+
+
+def main():
+    app.run(_main)

@@ -1,0 +1,231 @@
+"""The one generic training loop: config in, trained and evaluated model out.
+
+    from lib.train import loop
+    result = loop.run(config, workdir)     # also: python -m projects.<paper>.train --config ... --workdir ...
+
+Flow: mesh -> model created sharded (or restored) -> data pipelines -> jitted steps -> train with
+periodic eval and checkpoints -> final evaluation, whose result is the last printed line:
+``final: top1=<value> step=<n> ...``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lib import data, sharding, zoo
+from lib.train import checkpoint, schedules, step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The config cannot work; raised before anything is compiled."""
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _print(*args):
+    if _is_main():
+        print(*args, flush=True)
+
+
+def validate(config, workdir: Path) -> None:
+    parent = Path(workdir).absolute().parent
+    if not parent.is_dir():
+        raise ConfigError(f"the parent of workdir does not exist: {parent}")
+    names = [n for n, _ in config.mesh]
+    sizes = [s for _, s in config.mesh]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if known > jax.device_count():
+        raise ConfigError(f"mesh {list(config.mesh)} needs {known} devices, but only {jax.device_count()} exist")
+    data_size = sharding.make_mesh(config.mesh).shape.get("data", 1) if "data" in names else 1
+    if config.input.batch_size % data_size or config.input.batch_size % jax.process_count():
+        raise ConfigError(f"input.batch_size={config.input.batch_size} must divide by the data-parallel size "
+                          f"{data_size} and the process count {jax.process_count()}")
+    accum = config.get("grad_accum_steps", 1)
+    if config.input.batch_size % (accum * data_size):
+        raise ConfigError(f"input.batch_size={config.input.batch_size} must divide into grad_accum_steps={accum} "
+                          f"micro-batches that each divide by the data-parallel size {data_size}")
+
+
+def _provenance() -> dict[str, Any]:
+    import flax
+    import optax
+    import orbax.checkpoint
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import os
+    return {"git_commit": commit, "argv": sys.argv, "jax": jax.__version__, "flax": flax.__version__,
+            "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
+            "devices": [d.device_kind for d in jax.devices()], "process_count": jax.process_count(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def _init_from(model, path: str, num_classes: int):
+    """Fine-tuning start: official PyTorch weights or our own weights directory; a classifier of
+    another size is re-initialised (and that is logged)."""
+    path = Path(path)
+    if path.is_dir():
+        zoo.load_weights(model, path)
+        _print(f"init_from: loaded {path}")
+        return
+    report = zoo.load_torch_weights(model, path, strict=False)
+    head_only = all(k.startswith("head") for k in report.missing) and all(
+        m.startswith("head") for m in report.mismatched) and not report.unexpected
+    if not report.ok and not head_only:
+        raise zoo.WeightConversionError(f"init_from={path} does not fit the model:\n{report.summary()}")
+    if not report.ok:
+        _print(f"init_from: loaded {len(report.loaded)} tensors from {path}; the classifier was re-initialised "
+               f"for {num_classes} classes ({', '.join(report.missing)})")
+    else:
+        _print(f"init_from: loaded {len(report.loaded)} tensors from {path}")
+
+
+def _global_batch(batch, shardings):
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, rest, pipeline, batch_shardings) -> dict[str, float]:
+    totals = None
+    for batch in pipeline:
+        out = eval_step(params, rest, _global_batch(batch, batch_shardings))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"top1": float(totals["top1"]) / count, "top5": float(totals["top5"]) / count,
+            "loss": float(totals["loss"]) / count, "count": int(totals["count"])}
+
+
+def run(config, workdir: str | Path) -> dict[str, float]:
+    """Train (or only evaluate) as ``config`` says, in ``workdir``; returns the final metrics."""
+    workdir = Path(workdir).absolute()
+    validate(config, workdir)
+    workdir.mkdir(exist_ok=True)
+    if _is_main():
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / "provenance.json").write_text(json.dumps(_provenance(), indent=2))
+
+    mesh = sharding.make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    per_process_batch = config.input.batch_size // jax.process_count()
+    train_data = data.make_pipeline(config.input, train=True, batch_size=per_process_batch, seed=config.seed)
+    eval_data = data.make_pipeline(config.input, train=False, batch_size=per_process_batch, seed=config.seed)
+    steps_per_epoch = train_data.spec.steps_per_epoch
+
+    model = zoo.create_model(config.model.name, num_classes=config.num_classes, rngs=config.seed, mesh=mesh,
+                             sharding_rules=rules, **config.model.get("kwargs", {}))
+    if config.get("init_from"):
+        _init_from(model, config.init_from, config.num_classes)
+
+    total_epochs = config.total_epochs + config.get("cooldown_epochs", 0)
+    total_steps = config.get("total_steps") or int(math.ceil(total_epochs * steps_per_epoch))
+    schedule = schedules.make_schedule(
+        lr=config.lr, min_lr=config.min_lr, epochs=config.total_epochs, steps_per_epoch=steps_per_epoch,
+        warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr, per_epoch=config.schedule_per_epoch)
+    tx = step_lib.make_optimizer(schedule, name=config.optimizer, weight_decay=config.wd,
+                                 grad_clip=config.get("grad_clip"), momentum=config.get("momentum", 0.9))
+    graphdef, state = step_lib.init_train_state(model, tx, ema=config.ema_decay > 0)
+    state_shardings = step_lib.shardings_of(state)
+    batch_shardings = {"image": sharding.batch_sharding(mesh, rules, 4), "label": sharding.batch_sharding(mesh, rules, 1),
+                       "mask": sharding.batch_sharding(mesh, rules, 1)}
+    mixup = None
+    if config.mixup.mixup_alpha > 0 or config.mixup.cutmix_alpha > 0:
+        mixup_kwargs = dict(config.mixup)
+
+        def mixup(key, images, labels):
+            return data.mixup_cutmix(key, images, labels, num_classes=config.num_classes,
+                                     label_smoothing=config.label_smoothing, **mixup_kwargs)
+    step_cfg = step_lib.StepConfig(num_classes=config.num_classes, label_smoothing=config.label_smoothing,
+                                   ema_decay=config.ema_decay, grad_accum_steps=config.get("grad_accum_steps", 1),
+                                   mixup=mixup)
+    base_key = jax.random.key(config.seed)
+    train_step = step_lib.make_train_step(graphdef, tx, step_cfg, base_key=base_key,
+                                          state_shardings=state_shardings, batch_shardings=batch_shardings)
+    eval_step = step_lib.make_eval_step(graphdef)
+
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
+    train_iter = iter(train_data)
+    restored, restored_step = ckpt.restore_latest(state, train_iter)
+    if restored is not None:
+        state = restored
+        _print(f"resumed from {ckpt.directory} at step {restored_step}")
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    metrics_file = open(workdir / "metrics.jsonl", "a") if _is_main() else None
+
+    def write(row):
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+    step = int(state["step"])
+    try:
+        if not config.get("eval_only"):
+            t0, seen, last_log = time.time(), 0, time.time()
+            while step < total_steps:
+                batch = _global_batch(next(train_iter), batch_shardings)
+                state, metrics = train_step(state, batch)
+                step += 1
+                seen += config.input.batch_size
+                if step % config.log_every == 0 or step == total_steps:
+                    m = jax.device_get(metrics)
+                    if not np.isfinite(m["loss"]):
+                        ckpt.wait()
+                        raise FloatingPointError(
+                            f"non-finite loss {m['loss']} at step {step}; stopping. The last good checkpoint in "
+                            f"{ckpt.directory} (steps {ckpt.manager.all_steps()}) is kept.")
+                    now = time.time()
+                    rate = seen / (now - last_log)
+                    eta = (total_steps - step) * config.input.batch_size / max(rate, 1e-9)
+                    row = {"step": step, "epoch": step / steps_per_epoch, "lr": float(schedule(step - 1)),
+                           **{k: float(v) for k, v in m.items()}, "img_per_s": rate}
+                    write(row)
+                    _print(f"step {step}/{total_steps} loss={row['loss']:.4f} top1={row['top1']:.3f} "
+                           f"lr={row['lr']:.2e} {rate:.0f} img/s ETA {eta / 60:.1f} min")
+                    seen, last_log = 0, now
+                if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                    ev = evaluate(eval_step, state["params"], state["rest"], eval_data, batch_shardings)
+                    write({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+                    _print(f"step {step} val top1={ev['top1']:.4f} loss={ev['loss']:.4f}")
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    ckpt.save(step, state, train_iter)
+                if stop["signal"] is not None:
+                    ckpt.save(step, state, train_iter, force=True)
+                    ckpt.wait()
+                    _print(f"received signal {stop['signal']}: saved step {step} to {ckpt.directory}, exiting")
+                    return {"preempted": True, "step": step}
+            ckpt.save(step, state, train_iter, force=True)
+            _print(f"training done in {(time.time() - t0) / 60:.1f} min")
+        result = evaluate(eval_step, state["params"], state["rest"], eval_data, batch_shardings)
+        if state["ema"] is not None:
+            ema = evaluate(eval_step, state["ema"], state["rest"], eval_data, batch_shardings)
+            result["ema_top1"] = ema["top1"]
+        result["step"] = step
+        write({"final": True, **result})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.close()
+        if metrics_file:
+            metrics_file.close()
+    extras = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in result.items() if k not in ("top1", "step"))
+    _print(f"final: top1={result['top1']:.4f} step={step} {extras}")  # the last line, for scripts
+    return result

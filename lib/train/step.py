@@ -1,0 +1,137 @@
+"""The jitted train and eval steps: pure functions over split NNX state.
+
+The model is split once into ``graphdef`` (static structure) and state pytrees; the step merges
+them inside ``jax.jit``, differentiates the ``nnx.Param`` state only (taking ``jax.grad`` over a
+whole module would silently drop the BatchNorm statistic updates) and returns the new state.
+In/out shardings are explicit and the state is donated.
+
+The train state is a plain dict, which is also exactly what a checkpoint holds:
+``params`` (nnx.Param), ``rest`` (BatchNorm statistics, RNG stream state), ``opt`` (optax),
+``ema`` (an EMA of params, or None), ``step`` (int32 scalar).
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lib.train import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    num_classes: int
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0                 # 0 disables the EMA
+    grad_accum_steps: int = 1              # micro-batches per optimizer step
+    mixup: Callable | None = None          # (key, images, labels) -> (images, soft targets)
+
+
+def _stream_policy(path, key, shape):
+    """Reseed each RNG stream with its own key: the step key folded with a hash of its path."""
+    return jax.random.fold_in(key, zlib.crc32(repr(path).encode()) & 0x7FFFFFFF)
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
+    state = {"params": params, "rest": rest, "opt": opt,
+             "ema": jax.tree.map(jnp.copy, params) if ema else None,
+             "step": jnp.zeros((), jnp.int32)}
+    return graphdef, state
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, base_key: jax.Array,
+                    state_shardings, batch_shardings, donate: bool = True):
+    """``step(state, batch) -> (state, metrics)``; ``batch`` has ``image`` [B,H,W,C] and ``label`` [B]."""
+    k = cfg.grad_accum_steps
+
+    def loss_and_grads(params, rest, images, labels, key):
+        if cfg.mixup is not None:
+            images, targets = cfg.mixup(jax.random.fold_in(key, 0), images, labels)
+        else:
+            targets = losses.smoothed_one_hot(labels, cfg.num_classes, cfg.label_smoothing)
+
+        def loss_fn(p):  # copy: fresh Variables at this trace level, so BatchNorm may update them
+            model = nnx.merge(graphdef, p, rest, copy=True)
+            nnx.reseed(model, dropout=jax.random.fold_in(key, 1), policy=_stream_policy)
+            logits = model(images)
+            loss = jnp.mean(losses.soft_target_cross_entropy(logits, targets))
+            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        correct = losses.topk_correct(logits, labels, 1)
+        return loss, grads, new_rest, jnp.mean(correct)
+
+    def step(state, batch):
+        key = jax.random.fold_in(base_key, state["step"])
+        params, rest = state["params"], state["rest"]
+        images, labels = batch["image"], batch["label"]
+        if k == 1:
+            loss, grads, rest, acc = loss_and_grads(params, rest, images, labels, key)
+        else:  # equal micro-batches, gradients averaged: the same as one k-times larger batch
+            micro = images.shape[0] // k
+            loss, acc, grads = 0.0, 0.0, jax.tree.map(jnp.zeros_like, params)
+            for i in range(k):
+                sl = slice(i * micro, (i + 1) * micro)
+                l, g, rest, a = loss_and_grads(params, rest, images[sl], labels[sl], jax.random.fold_in(key, 2 + i))
+                loss, acc = loss + l / k, acc + a / k
+                grads = jax.tree.map(lambda s, x: s + x / k, grads, g)
+        updates, opt = tx.update(grads, state["opt"], params)
+        params = optax.apply_updates(params, updates)
+        ema = state["ema"]
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
+        metrics = {"loss": loss, "top1": acc, "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(params)}
+        new_state = {"params": params, "rest": rest, "opt": opt, "ema": ema, "step": state["step"] + 1}
+        return new_state, metrics
+
+    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef, *, state_shardings=None, batch_shardings=None):
+    """``evaluate(params, rest, batch) -> sums`` of loss, top-1, top-5 and example count (masked)."""
+    def evaluate(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        model.eval()
+        logits = model(batch["image"])
+        mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+        ce = losses.cross_entropy(logits, batch["label"])
+        return {"loss": jnp.sum(ce * mask), "top1": jnp.sum(losses.topk_correct(logits, batch["label"], 1) * mask),
+                "top5": jnp.sum(losses.topk_correct(logits, batch["label"], 5) * mask), "count": jnp.sum(mask)}
+    if state_shardings is None:
+        return jax.jit(evaluate)
+    return jax.jit(evaluate, in_shardings=(state_shardings["params"], state_shardings["rest"], batch_shardings))
+
+
+def make_optimizer(schedule: optax.Schedule, *, name: str = "adamw", weight_decay: float = 0.05,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum: float = 0.9,
+                   grad_clip: float | None = None) -> optax.GradientTransformation:
+    """AdamW (or SGD with momentum) with weight decay off for 1-D params (biases, norms, layer scales),
+    as timm's ``param_groups_weight_decay``; optional global-norm clipping."""
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+    if name == "adamw":
+        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    elif name == "sgd":  # torch SGD: decay added to the gradient before momentum
+        opt = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                          optax.sgd(schedule, momentum=momentum))
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; expected 'adamw' or 'sgd'")
+    return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip else opt
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))

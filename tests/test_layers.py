@@ -1,0 +1,85 @@
+"""lib.layers: PyTorch semantics of padding, init, BatchNorm, DropPath, and the star op."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lib.layers.conv import Conv, depthwise_conv
+from lib.layers.drop import DropPath, drop_path_rates
+from lib.layers.norm import BatchNorm
+from lib.layers.star import star
+
+
+def _torch_conv(x_nchw, w_oihw, stride, pad, groups):
+    """What torch.nn.functional.conv2d computes, written in NCHW/OIHW with explicit padding."""
+    return jax.lax.conv_general_dilated(x_nchw, w_oihw, (stride, stride), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=groups)
+
+
+@pytest.mark.parametrize("k,stride,pad,groups", [(3, 2, 1, 1), (7, 1, 3, 8), (1, 1, 0, 1), (7, 4, 3, 1)])
+def test_conv_matches_torch_layout_and_padding(k, stride, pad, groups):
+    conv = Conv(8, 16, k, stride=stride, padding=pad, groups=groups, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((2, 8, 16, 16)).astype(np.float32)
+    w_oihw = np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1)
+    want = _torch_conv(x, w_oihw, stride, pad, groups) + np.asarray(conv.bias[...])[None, :, None, None]
+    got = conv(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if stride > 1:  # 'SAME' would pad asymmetrically here and differ
+        same = jax.lax.conv_general_dilated(x.transpose(0, 2, 3, 1), conv.kernel[...], (stride, stride), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        assert not np.allclose(same + conv.bias[...], got.transpose(0, 2, 3, 1), atol=1e-3)
+
+
+def test_conv_rejects_wrong_channels():
+    with pytest.raises(ValueError, match=r"\[batch, height, width, 8\]"):
+        Conv(8, 4, 3, rngs=nnx.Rngs(0))(jnp.zeros((1, 5, 5, 3)))
+
+
+def test_torch_default_init_bounds_and_trunc_normal():
+    conv = Conv(16, 32, 3, rngs=nnx.Rngs(0))  # fan_in 144 -> U(+-1/12)
+    w = np.asarray(conv.kernel[...])
+    assert np.abs(w).max() <= 1 / 12 and np.abs(w).max() > 0.95 / 12
+    assert np.abs(np.asarray(conv.bias[...])).max() <= 1 / 12
+    tn = np.asarray(Conv(64, 64, 3, init="trunc_normal", rngs=nnx.Rngs(0)).kernel[...])
+    assert abs(tn.std() - 0.02) < 0.001 and np.all(np.asarray(Conv(64, 64, 3, init="trunc_normal", rngs=nnx.Rngs(0)).bias[...]) == 0)
+    dw = depthwise_conv(8, 7, rngs=nnx.Rngs(0))
+    assert dw.kernel.shape == (7, 7, 1, 8)
+    assert dw.kernel.get_metadata()["out_sharding"] == ("kernel_h", "kernel_w", None, "out_channels")
+
+
+def test_batchnorm_follows_torch_momentum_and_unbiased_running_var():
+    bn = BatchNorm(3)
+    x = np.random.default_rng(0).standard_normal((4, 5, 5, 3)).astype(np.float32) * 2 + 1
+    y = np.asarray(bn(x))
+    flat = x.reshape(-1, 3)
+    want = (x - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.mean[...], 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+    bn.use_running_average = True
+    np.testing.assert_allclose(bn(x), (x - bn.mean[...]) / np.sqrt(bn.var[...] + 1e-5), rtol=1e-4, atol=1e-5)
+    assert BatchNorm(3, dtype=jnp.bfloat16)(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_drop_path_is_per_sample_and_rescales():
+    dp = DropPath(0.5, rngs=nnx.Rngs(dropout=0))
+    x = jnp.ones((256, 4, 4, 8))
+    y = np.asarray(dp(x))
+    per_sample = y.reshape(256, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(1) == per_sample.max(1))  # all features of a sample share the draw
+    assert 0.35 < (per_sample[:, 0] > 0).mean() < 0.65
+    dp.deterministic = True
+    np.testing.assert_array_equal(dp(x), x)
+    assert drop_path_rates(0.1, [1, 2, 2]) == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    with pytest.raises(ValueError):
+        DropPath(1.0)
+
+
+def test_star_modes():
+    a, b = jnp.array([1.0, 2.0]), jnp.array([3.0, 4.0])
+    np.testing.assert_array_equal(star(a, b, "mul"), [3.0, 8.0])
+    np.testing.assert_array_equal(star(a, b, "sum"), [4.0, 6.0])
+    with pytest.raises(ValueError, match="unknown star mode"):
+        star(a, b, "max")
