@@ -47,20 +47,27 @@ def main(argv=None) -> dict:
     pipe = data.make_pipeline(cfg, train=not args.eval, batch_size=args.batch_size, seed=args.seed,
                               process_index=0, process_count=1)
 
+    iterators = []
+
     def batches():  # eval pipelines are finite: cycle them for as long as needed
         while True:
-            it = iter(pipe)
-            yield from it
+            iterators.append(iter(pipe))
+            yield from iterators[-1]
             if pipe.train:
                 return
 
     stream = batches()
-    for _ in range(args.warmup):
-        next(stream)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        batch = next(stream)
-    elapsed = time.perf_counter() - start
+    try:
+        for _ in range(args.warmup):
+            next(stream)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            batch = next(stream)
+        elapsed = time.perf_counter() - start
+    finally:
+        for it in iterators:  # frees grain's worker processes and shared memory (num_workers > 0)
+            if hasattr(it, "close"):
+                it.close()
     result = {
         "benchmark": "input_pipeline", "dataset": args.dataset, "train": not args.eval,
         "batch_size": args.batch_size, "image_size": args.image_size, "auto_augment": args.auto_augment,

@@ -26,3 +26,12 @@ def golden_dir() -> Path:
 def golden(golden_dir):
     import golden as golden_module
     return golden_module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A per-run persistent compilation cache: tests that rebuild the same jitted program (a resumed
+    run, the same step on another model object) reuse the executable instead of recompiling."""
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield

@@ -201,8 +201,8 @@ def test_random_resized_crop_stays_inside_the_image(width, height):
 
 
 def test_random_resized_crop_falls_back_to_a_center_crop():
-    # A 400x20 image cannot hold a crop with aspect ratio <= 4/3 and area >= 8%... except small
-    # ones; with scale (0.9, 1) no try fits and the ratio-clamped center crop is used.
+    # In a 400x20 image no crop of >= 90% of the area has an aspect ratio within [3/4, 4/3], so
+    # all 10 tries fail and the center crop clamped to the largest ratio (4/3) is used.
     top, left, h, w = transforms.random_resized_crop_params(400, 20, np.random.default_rng(0), scale=(0.9, 1.0))
     assert (h, w) == (20, round(20 * 4 / 3)) and top == 0 and left == (400 - w) // 2
 
@@ -257,6 +257,14 @@ def test_eval_resize_and_center_crop(size, crop_pct, resized):
     assert out["image"].shape == (size, size, 3) and out["label"] == 3 and out["mask"] == 1
     with pytest.raises(ValueError):
         transforms.eval_resize_size(224, 0.0)
+
+
+def test_normalize_matches_the_formula():
+    x = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    out = transforms.normalize(x, mean, std)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, (x / 255.0 - np.array(mean)) / np.array(std), atol=1e-5)
 
 
 def test_center_crop_takes_the_middle():

@@ -11,12 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
-    """timm's targets: ``off = smoothing / num_classes``, ``on = 1 - smoothing + off`` (rows sum to 1)."""
-    off = smoothing / num_classes
-    on = 1.0 - smoothing + off
-    return jnp.where(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) > 0, on, off).astype(jnp.float32)
+from lib.train.losses import smoothed_one_hot  # noqa: F401 (re-exported by lib.data)
 
 
 def cutmix_box(key: jax.Array, height: int, width: int, lam: jax.Array) -> tuple[jax.Array, jax.Array]:

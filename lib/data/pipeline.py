@@ -161,7 +161,8 @@ def make_source(cfg: Any, split: str):
         return sources.DigitsSource("validation" if split in ("val", "validation") else split)
     if kind == "tfds":
         data_dir = _get(cfg, "data_dir")
-        return sources.TfdsSource(_get(cfg, "name"), split, data_dir=str(Path(data_dir).expanduser()) if data_dir else None)
+        data_dir = str(Path(data_dir).expanduser()) if data_dir else None
+        return sources.TfdsSource(_get(cfg, "name"), split, data_dir=data_dir)
     if kind == "imagefolder":
         root = Path(_get(cfg, "data_dir")).expanduser()
         # Label ids come from the training split's classes, so train and eval agree.

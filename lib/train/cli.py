@@ -21,7 +21,7 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _main(argv):
+def _main(argv, run):
     del argv
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -30,9 +30,11 @@ def _main(argv):
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or os.environ.get("TPU_WORKER_HOSTNAMES"):
         jax.distributed.initialize()
-    from lib.train import loop
-    loop.run(FLAGS.config, FLAGS.workdir)
+    run(FLAGS.config, FLAGS.workdir)
 
 
-def main():
-    app.run(_main)
+def main(run=None):
+    """Parse flags and call ``run(config, workdir)`` (default: ``lib.train.loop.run``)."""
+    if run is None:
+        from lib.train.loop import run
+    app.run(lambda argv: _main(argv, run))

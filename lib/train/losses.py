@@ -6,9 +6,10 @@ import jax.numpy as jnp
 
 
 def smoothed_one_hot(labels, num_classes: int, smoothing: float = 0.0):
-    """timm's smoothing: off-values ``smoothing / num_classes``, on-value ``1 - smoothing + off``."""
+    """timm's targets: ``off = smoothing / num_classes``, ``on = 1 - smoothing + off`` (rows sum to 1)."""
     off = smoothing / num_classes
-    return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+    on = 1.0 - smoothing + off
+    return jnp.where(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) > 0, on, off).astype(jnp.float32)
 
 
 def soft_target_cross_entropy(logits, targets):

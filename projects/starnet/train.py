@@ -8,5 +8,14 @@ Examples:
 """
 from lib.train import cli
 
+
+def run(config, workdir):
+    if config.get("task") == "toy2d":  # the paper's 2-D toy has its own tiny trainer
+        from projects.starnet import toy2d
+        return toy2d.run(config, workdir)
+    from lib.train import loop
+    return loop.run(config, workdir)
+
+
 if __name__ == "__main__":
-    cli.main()
+    cli.main(run)
