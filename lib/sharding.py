@@ -98,3 +98,14 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT
     """Sharding of an input batch: the leading dimension over the mesh axis of ``batch``."""
     axis = dict(rules).get("batch")
     return NamedSharding(mesh, P(axis, *([None] * (ndim - 1))))
+
+
+def shard_model(model, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES):
+    """Move an existing (concrete) model's state onto ``mesh`` per ``rules``, in place; returns it.
+
+    For models small enough to exist on one host; large models are created sharded instead
+    (``lib.zoo.create_model(..., mesh=mesh)``).
+    """
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return model

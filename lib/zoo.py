@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import fnmatch
 import importlib
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,8 @@ def _ensure_loaded() -> None:
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
     _ensure_loaded()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+    natural = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)]  # s2 before s10
+    return sorted((n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern)), key=natural)
 
 
 def model_info(name: str) -> ModelInfo:
@@ -111,8 +113,11 @@ def create_model(name: str, *, num_classes: int = 1000, rngs: int | jax.Array | 
     key = _rngs_key(rngs)
 
     def build(k):
-        return info.factory(num_classes=num_classes, rngs=nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)),
-                            **overrides)
+        # Initial values use the non-partitionable threefry: the same numbers whatever the mesh, and
+        # the init program compiles ~3x faster on XLA:CPU. (Training randomness keeps JAX's default.)
+        with jax.threefry_partitionable(False):
+            return info.factory(num_classes=num_classes, rngs=nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)),
+                                **overrides)
 
     abstract_model = nnx.eval_shape(lambda: build(key))
     graphdef, abstract_state = nnx.split(abstract_model)

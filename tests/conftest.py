@@ -8,7 +8,9 @@ import jax
 # Must run before any JAX computation initialises the backend.
 jax.config.update("jax_num_cpu_devices", 8)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
@@ -35,3 +37,76 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     yield
+
+
+def _register_tiny_models():
+    """Small but complete models (every layer kind) that compile in seconds, for training tests."""
+    from lib import zoo
+    from projects.starnet.models import DemoNet, StarNet
+    if "test_starnet_tiny" not in zoo.list_models():
+        zoo.register_model("test_starnet_tiny",
+                           lambda *, num_classes, rngs, **kw: StarNet(8, (1, 1, 1, 1), 2, num_classes=num_classes,
+                                                                      rngs=rngs, **kw))
+        zoo.register_model("test_demonet_tiny",  # LayerNorm only: no batch statistics
+                           lambda *, num_classes, rngs, **kw: DemoNet(16, 2, "mul", num_classes=num_classes,
+                                                                      layer_scale_init=1.0, rngs=rngs, **kw))
+
+
+_register_tiny_models()
+
+
+# Generated datasets that exercise the real decoding paths (shared by data and training tests).
+IMAGE_FOLDER_CLASSES = ("ant", "bee", "cat", "dog")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """~200 JPEG/PNG images of varied sizes and modes in root/{train,val}/<class>/."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    counts = {"train": 40, "val": 10}
+    for split, per_class in counts.items():
+        for label, name in enumerate(IMAGE_FOLDER_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (int(v) for v in rng.integers(12, 48, 2))
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                img = Image.fromarray(pixels)
+                if i % 7 == 3:
+                    img = img.convert("L")
+                elif i % 7 == 5:
+                    img = img.convert("RGBA")
+                ext = (".jpg", ".png", ".JPEG")[i % 3] if img.mode != "RGBA" else ".png"
+                img.save(folder / f"{i:03d}{ext}")
+            (folder / "notes.txt").write_text("not an image")
+    return root, counts
+
+
+@pytest.fixture(scope="session")
+def tiny_tfds_dir(tmp_path_factory):
+    """Write a 3-class ArrayRecord TFDS dataset with tfds's own builder (PIL-encoded, no TF)."""
+    import tensorflow_datasets as tfds
+
+    with tfds.core.registered.skip_registration():   # readers find it from files, not the registry
+        class TinyShapes(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version("1.0.0")
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples(18, 0), "validation": self._generate_examples(7, 1)}
+
+            def _generate_examples(self, n, seed):
+                rng = np.random.default_rng(seed)
+                for i in range(n):
+                    h, w = (int(v) for v in rng.integers(10, 40, 2))
+                    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                    yield i, {"image": Image.fromarray(pixels), "label": i % 3}
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    TinyShapes(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return data_dir

@@ -361,31 +361,7 @@ def test_mixup_cutmix_is_jittable():
 # ------------------------------------------------------------------------------------------------
 # Image folders
 
-CLASSES = ("ant", "bee", "cat", "dog")
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """~200 JPEG/PNG images of varied sizes and modes in root/{train,val}/<class>/."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    rng = np.random.default_rng(0)
-    counts = {"train": 40, "val": 10}
-    for split, per_class in counts.items():
-        for label, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                h, w = (int(v) for v in rng.integers(12, 48, 2))
-                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                img = Image.fromarray(pixels)
-                if i % 7 == 3:
-                    img = img.convert("L")
-                elif i % 7 == 5:
-                    img = img.convert("RGBA")
-                ext = (".jpg", ".png", ".JPEG")[i % 3] if img.mode != "RGBA" else ".png"
-                img.save(folder / f"{i:03d}{ext}")
-            (folder / "notes.txt").write_text("not an image")
-    return root, counts
+from conftest import IMAGE_FOLDER_CLASSES as CLASSES  # noqa: E402
 
 
 def test_image_folder_pipeline(image_folder):
@@ -444,35 +420,8 @@ def test_tfds_mock_data_with_random_image_shapes():
         assert next(iter(grey))["image"].shape == (8, 16, 16, 3)   # 28x28x1 -> RGB
 
 
-def _build_tiny_tfds(data_dir):
-    """Write a 3-class ArrayRecord TFDS dataset with tfds's own builder (PIL-encoded, no TF)."""
-    import tensorflow_datasets as tfds
-
-    with tfds.core.registered.skip_registration():   # readers find it from files, not the registry
-        class TinyShapes(tfds.core.GeneratorBasedBuilder):
-            VERSION = tfds.core.Version("1.0.0")
-
-            def _info(self):
-                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-                    "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
-
-            def _split_generators(self, dl_manager):
-                return {"train": self._generate_examples(18, 0), "validation": self._generate_examples(7, 1)}
-
-            def _generate_examples(self, n, seed):
-                rng = np.random.default_rng(seed)
-                for i in range(n):
-                    h, w = (int(v) for v in rng.integers(10, 40, 2))
-                    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                    yield i, {"image": Image.fromarray(pixels), "label": i % 3}
-
-    TinyShapes(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-
-
-def test_tfds_array_record_dataset_built_on_disk(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
-    _build_tiny_tfds(tmp_path)
+def test_tfds_array_record_dataset_built_on_disk(tiny_tfds_dir):
+    tmp_path = tiny_tfds_dir
     cfg = small_cfg(dataset="tfds", name="tiny_shapes", data_dir=str(tmp_path))
     val = data.make_pipeline(cfg, train=False, batch_size=4, seed=0, process_index=0, process_count=1)
     assert (val.num_examples, val.num_classes, len(val)) == (7, 3, 2)

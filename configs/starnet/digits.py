@@ -24,5 +24,5 @@ def get_config(arg=None):
     c.log_every = 50
     c.checkpoint_every = 200
     if arg.runlocal:
-        c.total_epochs, c.input.batch_size, c.log_every = 1, 32, 5
+        c.total_epochs, c.warmup_epochs, c.input.batch_size, c.log_every = 1, 0, 32, 5
     return c

@@ -25,13 +25,20 @@ class BatchNorm(nnx.Module):
 
     ``momentum`` is PyTorch's (0.1: new = 0.9 * old + 0.1 * batch). As in PyTorch the running
     variance is updated with the unbiased batch variance while the output is normalised with the
-    biased one. Under ``jax.jit`` with the batch sharded over devices the statistics are global
-    (synchronised) batch statistics. ``model.eval()`` sets ``use_running_average``.
+    biased one. ``model.eval()`` sets ``use_running_average``.
+
+    Under ``jax.jit`` with the batch sharded over devices the statistics are global (synchronised)
+    batch statistics. ``batch_groups=G`` instead normalises each of G equal slices of the batch with
+    its own statistics, as per-GPU BatchNorm under PyTorch DDP does (with G = the data-parallel size
+    each device's slice is one group, no communication); the running statistics take the mean over
+    groups, like timm's ``--dist-bn reduce``.
     """
 
     def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
-                 use_running_average: bool = False, dtype=None, param_dtype=jnp.float32):
+                 use_running_average: bool = False, batch_groups: int = 1, dtype=None,
+                 param_dtype=jnp.float32):
         self.num_features, self.momentum, self.epsilon = num_features, momentum, epsilon
+        self.batch_groups = batch_groups
         self.use_running_average, self.dtype = use_running_average, dtype
         self.scale = _ones(num_features, param_dtype)
         self.bias = _zeros(num_features, param_dtype)
@@ -46,19 +53,23 @@ class BatchNorm(nnx.Module):
                              f"got shape {tuple(x.shape)}")
         out_dtype = self.dtype or x.dtype
         x32 = x.astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
         else:
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)
-            n = x32.size // x32.shape[-1]
+            g = self.batch_groups
+            if x.shape[0] % g:
+                raise ValueError(f"BatchNorm batch_groups={g} does not divide the batch of {x.shape[0]}")
+            x32 = x32.reshape((g, x.shape[0] // g) + x.shape[1:])    # [groups, batch/groups, ..., C]
+            axes = tuple(range(1, x32.ndim - 1))
+            mean = jnp.mean(x32, axes, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axes, keepdims=True)
+            n = x32[0].size // x32.shape[-1]
             m = self.momentum
-            self.mean[...] = (1 - m) * self.mean[...] + m * mean
-            self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+            self.mean[...] = (1 - m) * self.mean[...] + m * jnp.mean(mean.reshape(g, -1), 0)
+            self.var[...] = (1 - m) * self.var[...] + m * jnp.mean(var.reshape(g, -1), 0) * (n / max(n - 1, 1))
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(out_dtype)
+        return y.reshape(x.shape).astype(out_dtype)
 
 
 class LayerNorm(nnx.Module):

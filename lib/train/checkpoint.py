@@ -48,11 +48,24 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
-                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying an earlier one",
-                            step, self.directory, type(e).__name__, e)
+                kept = self._set_aside(step)
+                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); it was moved to %s (nothing is "
+                            "deleted) and an earlier one is tried", step, self.directory, type(e).__name__, e, kept)
                 continue
             return restored["state"], step
         return None, None
+
+    def _set_aside(self, step: int) -> Path:
+        """Rename an unreadable step directory so training can write that step again."""
+        path = Path(self.manager.directory) / str(step)
+        kept = path.with_name(f"{step}.unreadable")
+        if jax.process_index() == 0 and path.exists():
+            n = 1
+            while kept.exists():
+                kept, n = path.with_name(f"{step}.unreadable{n}"), n + 1
+            path.rename(kept)
+        self.manager.reload()
+        return kept
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -15,6 +15,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lib import data, sharding, zoo
+from lib.layers.norm import BatchNorm
 from lib.train import checkpoint, schedules, step as step_lib
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,40 @@ def _init_from(model, path: str, num_classes: int):
         _print(f"init_from: loaded {len(report.loaded)} tensors from {path}")
 
 
+def _tensorboard_writer(workdir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        _print("tensorboard=True but tensorboardX is not installed (pip install '.[tensorboard]'); skipping it")
+        return None
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def _save_best(directory: Path, state, step: int, top1: float) -> None:
+    """Keep the best evaluated weights in ``directory`` (loadable with ``zoo.load_weights``).
+
+    Written beside the old copy first and swapped in only when complete, so a crash mid-write
+    never loses the previous best.
+    """
+    import shutil
+    import orbax.checkpoint as ocp
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists() and jax.process_index() == 0:
+        shutil.rmtree(tmp)
+    weights = nnx.State.merge(state["params"], nnx.filter_state(state["rest"], nnx.BatchStat)).to_pure_dict()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp.absolute(), weights)
+        ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        (tmp / "best.json").write_text(json.dumps({"step": step, "top1": top1}))
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        if old.exists():
+            shutil.rmtree(old)
+
+
 def _global_batch(batch, shardings):
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
 
@@ -127,12 +163,25 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     per_process_batch = config.input.batch_size // jax.process_count()
     train_data = data.make_pipeline(config.input, train=True, batch_size=per_process_batch, seed=config.seed)
     eval_data = data.make_pipeline(config.input, train=False, batch_size=per_process_batch, seed=config.seed)
+    extra_evals = {}  # name -> pipeline: the final evaluation at other resolutions / crop fractions
+    for image_size, crop_pct in config.get("final_evals", []):
+        cfg = config.input.copy_and_resolve_references()
+        cfg.image_size, cfg.crop_pct = int(image_size), float(crop_pct)
+        extra_evals[f"{int(image_size)}_crop{float(crop_pct):g}"] = data.make_pipeline(
+            cfg, train=False, batch_size=per_process_batch, seed=config.seed)
     steps_per_epoch = train_data.spec.steps_per_epoch
 
     model = zoo.create_model(config.model.name, num_classes=config.num_classes, rngs=config.seed, mesh=mesh,
                              sharding_rules=rules, **config.model.get("kwargs", {}))
     if config.get("init_from"):
         _init_from(model, config.init_from, config.num_classes)
+    if config.get("bn_stats", "global") == "per_shard":  # per-device statistics, as PyTorch DDP
+        groups = mesh.shape.get("data", 1)
+        for _, module in nnx.iter_graph(model):
+            if isinstance(module, BatchNorm):
+                module.batch_groups = groups
+    elif config.get("bn_stats", "global") != "global":
+        raise ConfigError(f"bn_stats must be 'global' or 'per_shard', got {config.bn_stats!r}")
 
     total_epochs = config.total_epochs + config.get("cooldown_epochs", 0)
     total_steps = config.get("total_steps") or int(math.ceil(total_epochs * steps_per_epoch))
@@ -168,7 +217,9 @@ def run(config, workdir: str | Path) -> dict[str, float]:
         _print(f"resumed from {ckpt.directory} at step {restored_step}")
 
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    # Preemption (SIGTERM) saves and exits cleanly; signal handlers can only be set in the main thread.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum)) if in_main_thread else None
     metrics_file = open(workdir / "metrics.jsonl", "a") if _is_main() else None
 
     def write(row):
@@ -176,28 +227,42 @@ def run(config, workdir: str | Path) -> dict[str, float]:
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
 
+    writer = _tensorboard_writer(workdir) if config.get("tensorboard") and _is_main() else None
+    profile_start, profile_stop = config.get("profile_steps", (0, 0))
+    best_top1 = -1.0
     step = int(state["step"])
     try:
         if not config.get("eval_only"):
             t0, seen, last_log = time.time(), 0, time.time()
             while step < total_steps:
+                if profile_stop > profile_start and step == profile_start and _is_main():
+                    jax.profiler.start_trace(str(workdir / "profile"))
+                if profile_stop > profile_start and step == profile_stop and _is_main():
+                    jax.profiler.stop_trace()
                 batch = _global_batch(next(train_iter), batch_shardings)
                 state, metrics = train_step(state, batch)
                 step += 1
                 seen += config.input.batch_size
-                if step % config.log_every == 0 or step == total_steps:
+                at_checkpoint = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                if step % config.log_every == 0 or step == total_steps or at_checkpoint:
                     m = jax.device_get(metrics)
-                    if not np.isfinite(m["loss"]):
+                    # Checked before any checkpoint of this step is written, so a saved state is finite.
+                    bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(m[k])]
+                    if bad:
                         ckpt.wait()
                         raise FloatingPointError(
-                            f"non-finite loss {m['loss']} at step {step}; stopping. The last good checkpoint in "
-                            f"{ckpt.directory} (steps {ckpt.manager.all_steps()}) is kept.")
+                            f"non-finite {', '.join(bad)} at step {step} (loss={m['loss']}); stopping. The last good "
+                            f"checkpoints in {ckpt.directory} (steps {ckpt.manager.all_steps()}) are kept.")
+                if step % config.log_every == 0 or step == total_steps:
                     now = time.time()
                     rate = seen / (now - last_log)
                     eta = (total_steps - step) * config.input.batch_size / max(rate, 1e-9)
                     row = {"step": step, "epoch": step / steps_per_epoch, "lr": float(schedule(step - 1)),
                            **{k: float(v) for k, v in m.items()}, "img_per_s": rate}
                     write(row)
+                    if writer is not None:
+                        for k, v in row.items():
+                            writer.add_scalar(f"train/{k}", v, step)
                     _print(f"step {step}/{total_steps} loss={row['loss']:.4f} top1={row['top1']:.3f} "
                            f"lr={row['lr']:.2e} {rate:.0f} img/s ETA {eta / 60:.1f} min")
                     seen, last_log = 0, now
@@ -205,7 +270,10 @@ def run(config, workdir: str | Path) -> dict[str, float]:
                     ev = evaluate(eval_step, state["params"], state["rest"], eval_data, batch_shardings)
                     write({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
                     _print(f"step {step} val top1={ev['top1']:.4f} loss={ev['loss']:.4f}")
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    if ev["top1"] > best_top1:
+                        best_top1 = ev["top1"]
+                        _save_best(workdir / "best", state, step, ev["top1"])
+                if at_checkpoint:
                     ckpt.save(step, state, train_iter)
                 if stop["signal"] is not None:
                     ckpt.save(step, state, train_iter, force=True)
@@ -218,10 +286,16 @@ def run(config, workdir: str | Path) -> dict[str, float]:
         if state["ema"] is not None:
             ema = evaluate(eval_step, state["ema"], state["rest"], eval_data, batch_shardings)
             result["ema_top1"] = ema["top1"]
+        for name, pipeline in extra_evals.items():
+            result[f"top1_{name}"] = evaluate(eval_step, state["params"], state["rest"], pipeline,
+                                              batch_shardings)["top1"]
         result["step"] = step
-        write({"final": True, **result})
+        write({"final": True, "step": step, **{f"val_{k}": v for k, v in result.items() if k != "step"}})
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if writer is not None:
+            writer.close()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         ckpt.close()
         if metrics_file:
             metrics_file.close()

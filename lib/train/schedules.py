@@ -15,7 +15,8 @@ def cosine_lr(epoch, *, lr: float, min_lr: float, epochs: int, warmup_epochs: fl
               warmup_lr: float = 1e-6):
     """The learning rate at (possibly fractional) ``epoch``; works on numbers and jax arrays."""
     epoch = jnp.asarray(epoch, jnp.float32)
-    cosine = min_lr + 0.5 * (lr - min_lr) * (1 + jnp.cos(jnp.pi * jnp.minimum(epoch, epochs) / epochs))
+    # 0.5 * (1 + cos(pi t / T)) written as cos^2(pi t / 2T): no float32 cancellation near min_lr.
+    cosine = min_lr + (lr - min_lr) * jnp.cos(0.5 * jnp.pi * jnp.minimum(epoch, epochs) / epochs) ** 2
     cosine = jnp.where(epoch >= epochs, min_lr, cosine)
     if warmup_epochs > 0:
         warm = warmup_lr + epoch * (lr - warmup_lr) / warmup_epochs

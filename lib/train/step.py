@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib.train import losses
 
@@ -39,11 +40,26 @@ def _stream_policy(path, key, shape):
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool):
+    """Split ``model`` into ``(graphdef, state)``; the optimizer moments inherit the parameters'
+    shardings, and leaves with no sharding of their own (counters, the step) are replicated over
+    the parameters' mesh."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
+    meshes = {x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)}
+    if meshes:
+        # Moments are sharded exactly like their parameters; counters are replicated.
+        replicated = NamedSharding(next(iter(meshes)), P())
+        opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                                              jax.tree.map(lambda x: x.sharding, params),
+                                              transform_non_params=lambda _: replicated)
+        opt = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    else:
+        opt = jax.jit(tx.init)(params)
     state = {"params": params, "rest": rest, "opt": opt,
              "ema": jax.tree.map(jnp.copy, params) if ema else None,
              "step": jnp.zeros((), jnp.int32)}
+    if meshes:
+        state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+                             state)
     return graphdef, state
 
 
@@ -92,8 +108,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
         ema = state["ema"]
         if ema is not None:
             ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
-        metrics = {"loss": loss, "top1": acc, "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(params)}
+        metrics = {"loss": loss, "top1": acc, "grad_norm": optax.tree.norm(grads),
+                   "param_norm": optax.tree.norm(params)}
         new_state = {"params": params, "rest": rest, "opt": opt, "ema": ema, "step": state["step"] + 1}
         return new_state, metrics
 

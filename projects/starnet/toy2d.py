@@ -69,11 +69,10 @@ def decision_grid(model, step: float = 0.02):
 
 def plot_boundaries(results: dict, path: str | Path, data=None) -> Path:
     """Side-by-side decision boundaries, one panel per (mode -> (model, accuracy))."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's (e.g. notebook) backend alone
     x, y = data if data is not None else moons()
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), squeeze=False)
+    fig = Figure(figsize=(5 * len(results), 4.2))
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (mode, (model, acc)) in zip(axes[0], results.items()):
         gx, gy, prob = decision_grid(model)
         ax.contourf(gx, gy, prob, levels=20, cmap="RdBu_r", alpha=0.6)
@@ -83,7 +82,6 @@ def plot_boundaries(results: dict, path: str | Path, data=None) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -1,0 +1,333 @@
+"""Training system: schedule, sharded step equivalences, resume, checkpoints, fine-tuning, bad input.
+
+Models are the tiny registered test models (conftest) so each program compiles in seconds.
+"""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common
+from configs.starnet import digits, imagenet
+from lib import sharding, zoo
+from lib.train import checkpoint, loop, schedules, step as step_lib
+
+FSDP_RULES = (("batch", "data"), ("out_channels", "data"), ("classes", "data"))
+
+
+def tiny_config(**overrides):
+    c = digits.get_config()
+    c.model.name = "test_starnet_tiny"
+    c.input.image_size = 16
+    c.input.batch_size = 16
+    c.total_steps, c.log_every, c.checkpoint_every, c.eval_every = 4, 1, 2, 0
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+
+
+# ------------------------------------------------------------------------------------------------
+# schedule
+# ------------------------------------------------------------------------------------------------
+def test_schedules_match_the_official_recipes(golden_dir):
+    ref = json.load(open(golden_dir / "schedules.json"))
+    assert ref["schedules"]["starnet"]["lr"] == imagenet.get_config().lr
+    for name, recipe in ref["schedules"].items():
+        sched = schedules.make_schedule(lr=recipe["lr"], min_lr=recipe["min_lr"], epochs=ref["epochs"],
+                                        steps_per_epoch=10, warmup_epochs=ref["warmup_epochs"],
+                                        warmup_lr=ref["warmup_lr"], per_epoch=True)
+        got = np.array([float(sched(10 * e + 3)) for e in range(len(recipe["per_epoch"]))])
+        np.testing.assert_allclose(got, recipe["per_epoch"], rtol=1e-5, err_msg=name)
+    assert len(recipe["per_epoch"]) == 310
+
+
+def test_imagenet_config_matches_the_recipe():
+    c = imagenet.get_config("variant=s4")
+    assert (c.input.batch_size, c.lr, c.wd, c.total_epochs, c.warmup_epochs, c.cooldown_epochs) == (2048, 3e-3, 0.05, 300, 5, 10)
+    assert c.input.auto_augment == "rand-m1-mstd0.5-inc1" and c.mixup.mixup_alpha == 0.8 and c.mixup.cutmix_alpha == 0.2
+    assert c.model.kwargs.drop_path_rate == 0.02 and c.label_smoothing == 0.1
+    with pytest.raises(ValueError, match="unknown config argument 'varient'"):
+        imagenet.get_config("varient=s1")
+
+
+# ------------------------------------------------------------------------------------------------
+# one step: sharded == single device
+# ------------------------------------------------------------------------------------------------
+def _one_step(mesh=None, rules=sharding.DEFAULT_RULES, bn_groups=1):
+    model = zoo.create_model("test_starnet_tiny", num_classes=10, rngs=0)
+    if mesh is not None:
+        sharding.shard_model(model, mesh, rules)
+    if bn_groups > 1:
+        for _, m in nnx.iter_graph(model):
+            if hasattr(m, "batch_groups"):
+                m.batch_groups = bn_groups
+    # SGD: linear in the gradient. Adam's first step g/|g| would amplify round-off in near-zero gradients.
+    tx = step_lib.make_optimizer(lambda s: 1e-2, name="sgd")
+    graphdef, state = step_lib.init_train_state(model, tx, ema=True)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((16, 16, 16, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    if mesh is not None:
+        batch_shardings = {"image": sharding.batch_sharding(mesh, rules, 4), "label": sharding.batch_sharding(mesh, rules, 1)}
+        batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()}
+        shardings = step_lib.shardings_of(state)
+    else:
+        batch_shardings = shardings = None
+    train = step_lib.make_train_step(graphdef, tx, step_lib.StepConfig(num_classes=10, ema_decay=0.9),
+                                     base_key=jax.random.key(0), state_shardings=shardings,
+                                     batch_shardings=batch_shardings)
+    new_state, metrics = train(state, batch)
+    return new_state, metrics
+
+
+def _assert_states_close(a, b, rtol=1e-5, atol=1e-6):
+    """Params, EMA, BatchNorm statistics and RNG state to round-off; optimizer moments (raw gradient
+    sums, where reduction order shows most) to 1e-4 of their largest entry."""
+    if isinstance(a, dict) and "opt" in a:
+        a, b = dict(a), dict(b)
+        opt_a, opt_b = a.pop("opt"), b.pop("opt")
+        scale = max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(opt_b) if x.size)
+        _assert_states_close(opt_a, opt_b, rtol=rtol, atol=max(atol, 1e-4 * scale))
+    for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def single_device_step():
+    return _one_step()
+
+
+def test_train_step_on_8_devices_equals_single_device(single_device_step):
+    want, want_metrics = single_device_step
+    got, metrics = _one_step(sharding.make_mesh())
+    assert got["params"]["stem"]["conv"]["kernel"].get_value().sharding.is_fully_replicated
+    assert not np.allclose(np.asarray(want["rest"]["norm"]["mean"].get_value()), 0)  # BN stats did move
+    _assert_states_close(got, want)
+    np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-6)
+
+
+def test_fsdp_shards_kernels_and_matches_single_device(single_device_step):
+    mesh = sharding.make_mesh()
+    got, _ = _one_step(mesh, FSDP_RULES)
+    _assert_states_close(got, single_device_step[0])
+    kernel = got["params"]["stages"][3]["blocks"][0]["f1"]["conv"]["kernel"].get_value()
+    assert kernel.sharding.spec == jax.P(None, None, None, "data")
+    moments = [x for x in jax.tree.leaves(got["opt"]) if x.shape == kernel.shape]
+    assert moments and all(x.sharding.spec == kernel.sharding.spec for x in moments)  # momentum sharded alike
+    # 10 classes do not divide over 8 devices: replicated instead.
+    assert got["params"]["head"]["fc"]["kernel"].get_value().sharding.spec == jax.P(None, None)
+    # Per-device parameter bytes drop accordingly for a real model.
+    dp = zoo.create_model("starnet_s050", abstract=True, mesh=mesh)
+    fsdp = zoo.create_model("starnet_s050", abstract=True, mesh=mesh, sharding_rules=FSDP_RULES)
+
+    def per_device_bytes(model):
+        total = 0
+        for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
+            shard = x.sharding.shard_shape(x.shape)
+            total += int(np.prod(shard)) * x.dtype.itemsize
+        return total
+    assert per_device_bytes(fsdp) < per_device_bytes(dp) / 4
+
+
+def test_per_shard_batchnorm_differs_from_global_and_matches_grouped_reference(single_device_step):
+    # 2 groups of 8 examples (with groups of 2 the 1x1 last stage normalises 2 values: too ill-conditioned
+    # to compare gradients across reduction orders).
+    got, metrics = _one_step(sharding.make_mesh(), bn_groups=2)
+    want, _ = _one_step(bn_groups=2)
+    _assert_states_close(got, want)
+    assert abs(float(metrics["loss"]) - float(single_device_step[1]["loss"])) > 1e-4
+
+
+def test_grad_accumulation_equals_one_large_batch():
+    model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
+    tx = step_lib.make_optimizer(lambda s: 1e-2, name="sgd")
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 8).astype(np.int32)}
+    results = []
+    for k in (1, 4):
+        graphdef, state = step_lib.init_train_state(model, tx, ema=False)
+        train = step_lib.make_train_step(graphdef, tx, step_lib.StepConfig(num_classes=10, grad_accum_steps=k),
+                                         base_key=jax.random.key(0), state_shardings=None, batch_shardings=None,
+                                         donate=False)
+        results.append(train(state, batch))
+    _assert_states_close(results[1][0]["params"], results[0][0]["params"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(results[1][1]["loss"], results[0][1]["loss"], rtol=1e-6)
+
+
+def test_checkpoint_restores_onto_another_mesh_and_a_single_device(tmp_path):
+    mesh = sharding.make_mesh()
+    model = sharding.shard_model(zoo.create_model("test_starnet_tiny", num_classes=16, rngs=0), mesh, FSDP_RULES)
+    tx = step_lib.make_optimizer(lambda s: 1e-2)
+    _, state = step_lib.init_train_state(model, tx, ema=False)
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
+    ckpt.save(5, state)
+    ckpt.close()
+    mesh2 = sharding.make_mesh([("data", 2), ("model", 4)])
+    rules2 = (("batch", "data"), ("out_channels", "model"), ("classes", "model"))
+    for target_model in (sharding.shard_model(zoo.create_model("test_starnet_tiny", num_classes=16, rngs=1), mesh2, rules2),
+                         zoo.create_model("test_starnet_tiny", num_classes=16, rngs=1)):
+        _, target = step_lib.init_train_state(target_model, tx, ema=False)
+        reader = checkpoint.Checkpointer(tmp_path / "ckpt")
+        restored, step = reader.restore_latest(target)
+        reader.close()
+        assert step == 5
+        _assert_states_close(restored, state, rtol=0, atol=0)
+        kernel = restored["params"]["head"]["fc"]["kernel"].get_value()
+        assert kernel.sharding == target["params"]["head"]["fc"]["kernel"].get_value().sharding
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop: resume, preemption, failures
+# ------------------------------------------------------------------------------------------------
+def test_resumed_run_matches_uninterrupted_bit_for_bit(tmp_path):
+    full = loop.run(tiny_config(total_steps=6, checkpoint_every=3), tmp_path / "full")
+    loop.run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "resumed")
+    resumed = loop.run(tiny_config(total_steps=6, checkpoint_every=3), tmp_path / "resumed")
+    assert resumed == full
+    a = [r for r in read_metrics(tmp_path / "full") if "loss" in r and "final" not in r]
+    b = [r for r in read_metrics(tmp_path / "resumed") if "loss" in r and "final" not in r]
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        for key in ("loss", "grad_norm", "param_norm", "lr"):
+            assert x[key] == y[key], (x["step"], key)
+
+
+def test_sigterm_saves_and_exits(tmp_path, monkeypatch):
+    real = loop._global_batch
+    calls = []
+
+    def preempt_on_second_batch(batch, shardings):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(batch, shardings)
+    monkeypatch.setattr(loop, "_global_batch", preempt_on_second_batch)
+    result = loop.run(tiny_config(total_steps=50, checkpoint_every=0), tmp_path / "run")
+    assert result == {"preempted": True, "step": 2}
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    loop.run(tiny_config(total_steps=2, checkpoint_every=2), tmp_path / "run")
+    with pytest.raises(FloatingPointError, match=r"non-finite .* at step 3.*steps \[2\]"):
+        loop.run(tiny_config(total_steps=6, lr=float("nan"), warmup_epochs=0, checkpoint_every=1), tmp_path / "run")
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
+    result = loop.run(tiny_config(total_steps=2, eval_only=True), tmp_path / "run")
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+
+
+def test_unreadable_latest_checkpoint_falls_back_and_deletes_nothing(tmp_path, caplog):
+    loop.run(tiny_config(total_steps=4, checkpoint_every=2), tmp_path / "run")
+    for path in (tmp_path / "run" / "checkpoints" / "4").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        result = loop.run(tiny_config(total_steps=4, checkpoint_every=2), tmp_path / "run")
+    assert "unreadable" in caplog.text and result["step"] == 4
+    names = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert names == ["2", "4", "4.unreadable"]
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r and "final" not in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]  # resumed from step 2
+
+
+def test_best_weights_extra_evals_and_provenance(tmp_path):
+    result = loop.run(tiny_config(total_steps=4, eval_every=2, final_evals=[(16, 1.0), (24, 0.875)]),
+                      tmp_path / "run")
+    assert {"top1", "top5", "top1_16_crop1", "top1_24_crop0.875", "step"} <= set(result)
+    assert result["top1_16_crop1"] == result["top1"]
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["step"] in (2,)
+    model = zoo.create_model("test_starnet_tiny", num_classes=10, weights=tmp_path / "run" / "best")
+    assert np.isfinite(np.asarray(model(jnp.zeros((1, 16, 16, 3))))).all()
+    provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert provenance["jax"] == jax.__version__ and len(provenance["devices"]) == 8
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["name"] == "test_starnet_tiny"
+
+
+def test_finetune_from_official_weights_to_10_classes(tmp_path, golden, golden_dir, capsys):
+    spec = golden.load(golden_dir / "starnet_s050_224.json")
+    np.savez(tmp_path / "s050.npz", **golden.state_dict(spec))
+    cfg = tiny_config(init_from=str(tmp_path / "s050.npz"), eval_only=True)
+    cfg.model.name = "starnet_s050"
+    cfg.input.image_size = 32
+    result = loop.run(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "the classifier was re-initialised for 10 classes" in out
+    assert out.strip().splitlines()[-1].startswith("final: top1=")
+    assert result["count"] == 300
+    wrong = tiny_config(init_from=str(tmp_path / "s050.npz"), eval_only=True)  # another architecture
+    with pytest.raises(zoo.WeightConversionError, match="does not fit the model"):
+        loop.run(wrong, tmp_path / "wrong")
+
+
+@pytest.mark.parametrize("dataset", ["imagefolder", "tfds"])
+def test_trains_on_generated_image_folder_and_array_record_data(tmp_path, dataset, image_folder, tiny_tfds_dir):
+    # Same model, batch and classifier size as the other loop tests, so the programs are cached.
+    if dataset == "imagefolder":
+        cfg = tiny_config(**{"input.dataset": "imagefolder", "input.data_dir": str(image_folder[0])})
+    else:
+        cfg = tiny_config(**{"input.dataset": "tfds", "input.name": "tiny_shapes", "input.data_dir": str(tiny_tfds_dir)})
+    result = loop.run(cfg, tmp_path / "run")
+    assert result["step"] == 4 and np.isfinite(result["loss"])
+    assert result["count"] == (40 if dataset == "imagefolder" else 7)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one clear error before anything compiles
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,error,match", [
+    ({"input.batch_size": 12}, loop.ConfigError, "must divide by the data-parallel size 8"),
+    ({"mesh": [("data", 16)]}, loop.ConfigError, "needs 16 devices, but only 8 exist"),
+    ({"input.dataset": "imagefolder", "input.data_dir": "/no/such/dir"}, FileNotFoundError, "/no/such/dir"),
+    ({"bn_stats": "sometimes"}, loop.ConfigError, "bn_stats must be"),
+])
+def test_bad_configs_fail_early(tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        loop.run(tiny_config(**overrides), tmp_path / "run")
+
+
+def test_missing_workdir_parent(tmp_path):
+    with pytest.raises(loop.ConfigError, match="parent of workdir does not exist"):
+        loop.run(tiny_config(), tmp_path / "no" / "run")
+
+
+def test_cli_rejects_unknown_config_keys(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "projects.starnet.train", "--config", "configs/starnet/digits.py",
+                           "--workdir", str(tmp_path / "w"), "--config.no_such_key=1"],
+                          cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode != 0 and "no_such_key" in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_parse_arg():
+    arg = common.parse_arg("variant=s2,runlocal", variant="s1", runlocal=False, epochs=3)
+    assert (arg.variant, arg.runlocal, arg.epochs) == ("s2", True, 3)
+
+
+def test_toy2d_trains_and_plots(tmp_path):
+    from projects.starnet import toy2d
+    model, acc, curve = toy2d.train("mul", seed=0, epochs=10)
+    assert acc > 0.75 and len(curve) == 10 and np.isfinite(curve).all()
+    png = toy2d.plot_boundaries({"mul": (model, acc)}, tmp_path / "b.png")
+    assert png.stat().st_size > 10_000
