@@ -65,4 +65,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.init_from = ml_collections.config_dict.placeholder(str)
     c.eval_only = False
+    c.conv_impl = "auto"                      # "auto" | "xla" | "fast": see lib.layers.conv.set_conv_impl
     return c

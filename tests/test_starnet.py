@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from lib import sharding, zoo
+from lib.layers import conv as conv_lib
 from projects.starnet import models
 
 FIXTURES = ["starnet_s050_224", "starnet_s1_224", "demonet_d12_w64_mul_224", "demonet_d12_w64_sum_224"]
@@ -19,8 +20,14 @@ PARAM_COUNTS = {
 DEMONET_D12_PARAMS_M = {64: 0.60, 128: 2.09, 192: 4.46, 256: 7.72, 320: 11.86, 384: 16.88, 448: 22.79}
 
 
+@pytest.mark.parametrize("impl", ["fast", "xla"])
 @pytest.mark.parametrize("fixture", FIXTURES)
-def test_parity_with_official_pytorch(golden, golden_dir, fixture):
+def test_parity_with_official_pytorch(golden, golden_dir, fixture, impl):
+    with conv_lib.conv_impl(impl):  # both convolution implementations must match the official code
+        _check_parity(golden, golden_dir, fixture)
+
+
+def _check_parity(golden, golden_dir, fixture):
     spec = golden.load(golden_dir / f"{fixture}.json")
     state_dict = golden.state_dict(spec)
     x = golden.inputs(spec).transpose(0, 2, 3, 1)

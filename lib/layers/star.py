@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lib import sharding
-from lib.layers.conv import ConvBN, depthwise_conv
+from lib.layers.conv import ConvBN, depthwise_conv, fused_pointwise
 from lib.layers.drop import DropPath
 from lib.layers.linear import Linear
 from lib.layers.norm import LayerNorm
@@ -56,7 +56,8 @@ class StarBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = self.dwconv(x)
-        y = star(jax.nn.relu6(self.f1(y)), self.f2(y), "mul")
+        a, b = fused_pointwise([self.f1.conv, self.f2.conv], y)  # one matmul on the fast path
+        y = star(jax.nn.relu6(a), b, "mul")
         y = self.dwconv2(self.g(y))
         return x + self.drop_path(y)
 

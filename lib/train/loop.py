@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lib import data, sharding, zoo
+from lib.layers.conv import set_conv_impl
 from lib.layers.norm import BatchNorm
 from lib.train import checkpoint, schedules, step as step_lib
 
@@ -158,6 +159,7 @@ def run(config, workdir: str | Path) -> dict[str, float]:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         (workdir / "provenance.json").write_text(json.dumps(_provenance(), indent=2))
 
+    set_conv_impl(config.get("conv_impl", "auto"))
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     per_process_batch = config.input.batch_size // jax.process_count()

@@ -24,6 +24,10 @@ from projects.starnet import convert
 STEM_WIDTH = 32
 
 
+def _call(module, x):
+    return module(x)
+
+
 def check_image_batch(x: jax.Array, channels: int = 3) -> None:
     if x.ndim != 4 or x.shape[-1] != channels:
         raise ValueError(f"expected an NHWC image batch of shape [batch, height, width, {channels}], "
@@ -54,15 +58,17 @@ class StarNet(nnx.Module):
       init: ``"torch"`` (upstream: convs keep PyTorch's default init, linears trunc_normal(.02)) or
         ``"trunc_normal"`` (timm's StarNet: trunc_normal(.02) for convs too).
       dtype: compute dtype (``jnp.bfloat16`` for mixed precision); norms stay float32.
+      remat: recompute each stage's activations in the backward pass (``nnx.remat``) instead of
+        storing them: less memory for more compute.
     """
 
     torch_key_map = staticmethod(convert.starnet_key_map)
 
     def __init__(self, base_dim: int = 32, depths: Sequence[int] = (3, 3, 12, 5), mlp_ratio: int = 4,
                  drop_path_rate: float = 0.0, num_classes: int = 1000, *, init: str = "torch", dtype=None,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         kw = dict(init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.num_classes = num_classes
+        self.num_classes, self.remat = num_classes, remat
         self.stem = ConvBN(3, STEM_WIDTH, 3, stride=2, padding=1, **kw)
         dpr = drop_path_rates(drop_path_rate, depths)
         stages, in_dim, start = [], STEM_WIDTH, 0
@@ -82,7 +88,7 @@ class StarNet(nnx.Module):
         x = jax.nn.relu6(self.stem(x))
         features = []
         for stage in self.stages:
-            x = stage(x)
+            x = nnx.remat(_call)(stage, x) if self.remat else stage(x)
             features.append(x)
         return features
 

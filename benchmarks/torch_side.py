@@ -1,0 +1,176 @@
+"""The PyTorch half of ``benchmarks/throughput.py --vs-timm``: timm's (official) model, one JSON line.
+
+Runs in its own interpreter (``benchmarks/.torchenv``, see ``benchmarks/README.md``); it imports
+neither JAX nor the repository's ``lib``.
+
+    benchmarks/.torchenv/bin/python benchmarks/torch_side.py --model starnet_s1 --mode train \
+        --batch-size 32 --resolution 224 --threads 2 --variant compile
+
+* ``infer``: ``model.eval()`` under ``torch.inference_mode()``.
+* ``train``: ``model.train()``; forward, ``CrossEntropyLoss(label_smoothing=0.1)``, backward, AdamW
+  (lr 1e-3, weight decay 0.05 on >=2-D params only, as the JAX side) step, ``zero_grad``.
+* ``--variant eager`` or ``compile`` (``torch.compile(model)``; for training the optimizer step is
+  compiled too). A failing ``torch.compile`` is reported in the JSON line (``error``), exit 0.
+* ``compile_s``: the first call (for ``compile``: Dynamo + Inductor compilation and one step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+
+_TV_LIB = None
+
+
+def _import_timm():
+    """``import timm``, working around a CUDA-built torchvision next to a CPU-only torch.
+
+    PyPI's torchvision wheels link CUDA; with the CPU torch their C++ ops do not load, and
+    torchvision then fails at import registering fake kernels for ``torchvision::nms`` / ``qnms``
+    (RuntimeError "operator torchvision::nms does not exist"). Defining those two schemas lets it
+    import; timm's StarNet uses no torchvision operator.
+    """
+    global _TV_LIB
+    import torch
+    try:
+        import timm
+        return timm, False
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+        del sys.modules[name]
+    _TV_LIB = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        _TV_LIB.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import timm
+    return timm, True
+
+
+def _rss_peak_mib() -> float:
+    """VmHWM (Linux): ``ru_maxrss`` survives fork+exec and would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="starnet_s1", help="timm model name")
+    p.add_argument("--mode", choices=("infer", "train"), default="infer")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: torch.autocast('cpu', bfloat16), params stay float32")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--variant", choices=("eager", "compile"), default="eager")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
+    threads = args.threads or len(cores)
+    if threads < len(cores) and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores[:threads])  # the same cores as the JAX process
+    import torch
+    torch.set_num_threads(threads)
+    timm, tv_workaround = _import_timm()
+    torch.manual_seed(args.seed)
+
+    row = {"framework": "torch", "variant": args.variant, "model": args.model, "mode": args.mode,
+           "batch": args.batch_size, "resolution": args.resolution, "dtype": args.dtype,
+           "channels_last": args.channels_last, "threads": torch.get_num_threads(),
+           "interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
+           "timm": timm.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
+           "torchvision_workaround": tv_workaround,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    row["num_params"] = sum(p.numel() for p in model.parameters())
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(args.batch_size, 3, args.resolution, args.resolution).contiguous(memory_format=fmt)
+    y = torch.randint(0, args.num_classes, (args.batch_size,))
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    if args.mode == "infer":
+        model.eval()
+        fwd = torch.compile(model) if args.variant == "compile" else model
+
+        def step():
+            with torch.inference_mode(), autocast():
+                return fwd(x)
+    else:
+        model.train()
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+        try:
+            opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)   # fused CPU kernel (torch >= 2.4)
+            row["optimizer"] = "AdamW(fused)"
+        except (RuntimeError, TypeError):
+            opt = torch.optim.AdamW(groups, lr=1e-3)
+            row["optimizer"] = "AdamW"
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+        fwd = torch.compile(model) if args.variant == "compile" else model
+        opt_step = torch.compile(opt.step) if args.variant == "compile" else opt.step
+
+        def step():
+            with autocast():
+                loss = criterion(fwd(x), y)
+            loss.backward()
+            opt_step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+    try:
+        t0 = time.perf_counter()
+        step()
+        compile_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            out = step()   # CPU ops are synchronous: the result exists when the call returns
+            times.append(time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a working C++ compiler)
+        row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+        row["traceback_tail"] = traceback.format_exc()[-1500:]
+        print(json.dumps(row), flush=True)
+        return row
+    if args.mode == "train":
+        row["final_loss"] = round(float(out.detach()), 4)
+    med = statistics.median(times)
+    row.update({
+        "images_per_s": round(args.batch_size / med, 2),
+        "median_step_ms": round(1000 * med, 2),
+        "min_step_ms": round(1000 * min(times), 2),
+        "max_step_ms": round(1000 * max(times), 2),
+        "steps": args.steps, "warmup": args.warmup,
+        "compile_s": round(compile_s, 2),
+        "rss_peak_mib": _rss_peak_mib(),
+        "loadavg": [round(v, 2) for v in os.getloadavg()],
+    })
+    print(json.dumps(row), flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()

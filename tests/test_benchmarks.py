@@ -1,0 +1,59 @@
+"""benchmarks/throughput.py on the tests' tiny StarNet: one JSON line per run, with every key.
+
+``--conv-impl xla``: the CPU fast path's train step takes ~4x longer to compile (25-45 s here),
+and these tests check the harness, not the convolutions.
+"""
+import json
+
+from benchmarks import throughput
+
+TINY = ["--model", "test_starnet_tiny", "--batch-size", "8", "--resolution", "32", "--steps", "2",
+        "--warmup", "1", "--num-classes", "10", "--conv-impl", "xla"]
+KEYS = {"framework", "model", "mode", "batch", "resolution", "dtype", "devices", "threads", "num_params",
+        "images_per_s", "median_step_ms", "compile_s", "first_call_s", "xla_peak_bytes", "rss_peak_mib",
+        "backend", "device_kind", "jax", "flax", "loadavg"}
+
+
+def _lines(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_infer_and_train_json_lines(capsys):
+    rows = throughput.main(TINY + ["--mode", "infer,train"])
+    printed = _lines(capsys)
+    assert printed == rows and [r["mode"] for r in rows] == ["infer", "train"]
+    for row in rows:
+        assert KEYS <= row.keys(), KEYS - row.keys()
+        assert row["model"] == "test_starnet_tiny" and row["batch"] == 8 and row["resolution"] == 32
+        assert row["images_per_s"] > 0 and row["median_step_ms"] > 0 and row["num_params"] > 0
+        assert row["backend"] == "cpu" and row["devices"] == 1 and row["dtype"] == "float32"
+    assert rows[1]["xla_alias_bytes"] > 0          # the train state is donated
+    assert rows[1]["final_loss"] > 0
+
+
+def test_sharded_over_two_devices(capsys):   # conftest simulates 8 CPU devices
+    (row,) = throughput.main(TINY + ["--mode", "infer", "--devices", "2"])
+    assert row["devices"] == 2 and row["images_per_s"] > 0 and row["conv_impl"] == "xla"
+
+
+def test_vs_timm_without_torch_env_reports_instead_of_failing(tmp_path, capsys):
+    rows = throughput.main(["--model", "test_starnet_tiny", "--batch-size", "2", "--resolution", "32",
+                            "--steps", "1", "--warmup", "0", "--num-classes", "10", "--vs-timm",
+                            "--torch-python", str(tmp_path / "missing" / "python")])
+    jax_row, torch_row, ratio = rows
+    assert jax_row["images_per_s"] > 0
+    assert "no timm counterpart" in torch_row["error"]
+    assert ratio["jax_images_per_s"] == jax_row["images_per_s"]
+
+
+def test_ratios():
+    jax_row = {"model": "starnet_s1", "mode": "infer", "batch": 32, "resolution": 224, "dtype": "float32",
+               "images_per_s": 100.0}
+    out = throughput.ratios(jax_row, [{"variant": "eager", "images_per_s": 50.0},
+                                      {"variant": "compile", "error": "no compiler"}])
+    assert out["jax_over_timm_eager"] == 2.0 and out["jax_over_timm_compiled"] is None
+
+
+def test_remat_reported_not_crashing(capsys):
+    (row,) = throughput.main(TINY + ["--mode", "infer", "--remat"])
+    assert row.get("remat") == "unsupported" or row["images_per_s"] > 0
