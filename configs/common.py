@@ -65,5 +65,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.init_from = ml_collections.config_dict.placeholder(str)
     c.eval_only = False
+    c.compute_dtype = "float32"               # "bfloat16": mixed precision (params, norms, losses stay float32)
     c.conv_impl = "auto"                      # "auto" | "xla" | "fast": see lib.layers.conv.set_conv_impl
     return c

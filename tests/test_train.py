@@ -299,6 +299,7 @@ def test_trains_on_generated_image_folder_and_array_record_data(tmp_path, datase
     ({"mesh": [("data", 16)]}, loop.ConfigError, "needs 16 devices, but only 8 exist"),
     ({"input.dataset": "imagefolder", "input.data_dir": "/no/such/dir"}, FileNotFoundError, "/no/such/dir"),
     ({"bn_stats": "sometimes"}, loop.ConfigError, "bn_stats must be"),
+    ({"compute_dtype": "float16"}, loop.ConfigError, "compute_dtype must be"),
 ])
 def test_bad_configs_fail_early(tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):

@@ -173,8 +173,14 @@ def run(config, workdir: str | Path) -> dict[str, float]:
             cfg, train=False, batch_size=per_process_batch, seed=config.seed)
     steps_per_epoch = train_data.spec.steps_per_epoch
 
+    model_kwargs = dict(config.model.get("kwargs", {}))
+    compute_dtype = config.get("compute_dtype", "float32")
+    if compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
+    if compute_dtype == "bfloat16":
+        model_kwargs["dtype"] = jnp.bfloat16
     model = zoo.create_model(config.model.name, num_classes=config.num_classes, rngs=config.seed, mesh=mesh,
-                             sharding_rules=rules, **config.model.get("kwargs", {}))
+                             sharding_rules=rules, **model_kwargs)
     if config.get("init_from"):
         _init_from(model, config.init_from, config.num_classes)
     if config.get("bn_stats", "global") == "per_shard":  # per-device statistics, as PyTorch DDP
