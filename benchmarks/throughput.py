@@ -24,6 +24,8 @@ What is measured:
   argument + output + temp - alias) and the process RSS high-water mark (``rss_peak_mib``: VmHWM,
   else ``ru_maxrss``; it only grows over a grid, so it is an upper bound for every run after the
   first).
+* ``other_cpu_pct``: CPU time other processes took during the timed steps, in % of all
+  cores (from /proc/stat): anything well above 0 means the measurement was disturbed; re-run.
 
 Threads: XLA:CPU runs one intra-op thread pool over every core the process may use. ``--threads N``
 (default: all schedulable cores) pins this process (and the PyTorch subprocess) to the first N
@@ -96,6 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="interpreter of the PyTorch environment (default benchmarks/.torchenv/bin/python)")
     p.add_argument("--torch-variants", default="eager,compile", help="PyTorch variants to run")
     p.add_argument("--channels-last", action="store_true", help="PyTorch side: channels_last memory format")
+    p.add_argument("--torch-warm-cache", action="store_true", help="PyTorch side: keep Inductor's on-disk "
+                   "cache (default: an empty one per run, so torch.compile's compile_s is cold like JAX's)")
     p.add_argument("--torch-timeout", type=float, default=1800, help="seconds per PyTorch subprocess")
     args = p.parse_args(argv)
     args.model = _split(args.model) or ["starnet_s1"]
@@ -212,6 +216,33 @@ def _conv_impl_context(impl: str | None):
     return conv.conv_impl(impl)
 
 
+def _cpu_snapshot():
+    """(wall, all-CPU busy seconds from /proc/stat, this process's CPU seconds); busy is None off Linux."""
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def _own_cores(start, end):
+    """Cores this process kept busy during [start, end] (its CPU seconds / wall seconds)."""
+    return round((end[2] - start[2]) / (end[0] - start[0]), 2)
+
+
+def _other_cpu_pct(start, end, cores: int):
+    """CPU used by *other* processes during [start, end], in % of all the machine's cores:
+    the disturbance of a measurement (0 on a quiet machine; 100 = one process took the cores)."""
+    if start[1] is None or end[1] is None:
+        return None
+    other = (end[1] - start[1]) - (end[2] - start[2])
+    return round(max(0.0, 100 * other / ((end[0] - start[0]) * cores)), 1)
+
+
 def _create(name, num_classes, dtype, remat, mesh, seed):
     import jax.numpy as jnp
     from lib import zoo
@@ -225,7 +256,6 @@ def _create(name, num_classes, dtype, remat, mesh, seed):
 
 def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtype: str, args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -310,11 +340,14 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
     for _ in range(args.warmup):
         jax.block_until_ready(call())
     times = []
+    cpu0 = _cpu_snapshot()
     for _ in range(args.steps):
         t0 = time.perf_counter()
         out = call()
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
+    cpu1 = _cpu_snapshot()
+    other_cpu, own_cores = _other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), _own_cores(cpu0, cpu1)
     if mode == "train":
         loss = float(jax.device_get(out[1]["loss"]))
         result["final_loss"] = round(loss, 4) if np.isfinite(loss) else str(loss)
@@ -329,6 +362,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
         **_memory(compiled),
         "rss_peak_mib": _rss_peak_mib(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "other_cpu_pct": other_cpu, "own_cpu_cores": own_cores,
         **_environment(),
     })
     return result
@@ -353,6 +387,8 @@ def run_torch(model_name: str, mode: str, batch: int, resolution: int, dtype: st
                "--variant", variant, "--seed", str(args.seed), "--num-classes", str(args.num_classes)]
         if args.channels_last:
             cmd.append("--channels-last")
+        if args.torch_warm_cache:
+            cmd.append("--warm-inductor-cache")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
         env["OMP_NUM_THREADS"] = str(args.threads)
         try:

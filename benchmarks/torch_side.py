@@ -11,7 +11,10 @@ neither JAX nor the repository's ``lib``.
   (lr 1e-3, weight decay 0.05 on >=2-D params only, as the JAX side) step, ``zero_grad``.
 * ``--variant eager`` or ``compile`` (``torch.compile(model)``; for training the optimizer step is
   compiled too). A failing ``torch.compile`` is reported in the JSON line (``error``), exit 0.
-* ``compile_s``: the first call (for ``compile``: Dynamo + Inductor compilation and one step).
+* ``other_cpu_pct``: CPU other processes took during the timed steps (% of all cores).
+* ``compile_s``: the first call (for ``compile``: Dynamo + Inductor compilation and one step), by
+  default with an empty Inductor cache (a fresh ``TORCHINDUCTOR_CACHE_DIR``), i.e. a cold compile
+  as on the JAX side; ``--warm-inductor-cache`` keeps the user's cache.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -65,6 +70,33 @@ def _rss_peak_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _cpu_snapshot():
+    """(wall, all-CPU busy seconds from /proc/stat, this process's CPU seconds); busy is None off Linux."""
+    busy = None
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def _own_cores(start, end):
+    """Cores this process kept busy during [start, end] (its CPU seconds / wall seconds)."""
+    return round((end[2] - start[2]) / (end[0] - start[0]), 2)
+
+
+def _other_cpu_pct(start, end, cores: int):
+    """CPU used by *other* processes during [start, end], in % of all the machine's cores:
+    the disturbance of a measurement (0 on a quiet machine; 100 = one process took the cores)."""
+    if start[1] is None or end[1] is None:
+        return None
+    other = (end[1] - start[1]) - (end[2] - start[2])
+    return round(max(0.0, 100 * other / ((end[0] - start[0]) * cores)), 1)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="starnet_s1", help="timm model name")
@@ -80,6 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warm-inductor-cache", action="store_true",
+                   help="keep Inductor's on-disk cache (default: a fresh empty one, so compile_s is a cold "
+                   "compile like JAX's)")
     return p.parse_args(argv)
 
 
@@ -89,6 +124,18 @@ def main(argv=None) -> dict:
     threads = args.threads or len(cores)
     if threads < len(cores) and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores[:threads])  # the same cores as the JAX process
+    cache_dir = None
+    if not args.warm_inductor_cache:   # must be set before torch is imported
+        cache_dir = tempfile.mkdtemp(prefix="torchinductor_bench_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    try:
+        return _run(args, threads)
+    finally:
+        if cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _run(args, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
     timm, tv_workaround = _import_timm()
@@ -100,7 +147,8 @@ def main(argv=None) -> dict:
            "interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
            "timm": timm.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
            "torchvision_workaround": tv_workaround,
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+           "inductor_cache": "warm" if args.warm_inductor_cache else "cold"}
     model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
     row["num_params"] = sum(p.numel() for p in model.parameters())
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -146,10 +194,13 @@ def main(argv=None) -> dict:
         for _ in range(args.warmup):
             step()
         times = []
+        cpu0 = _cpu_snapshot()
         for _ in range(args.steps):
             t0 = time.perf_counter()
             out = step()   # CPU ops are synchronous: the result exists when the call returns
             times.append(time.perf_counter() - t0)
+        cpu1 = _cpu_snapshot()
+        other_cpu, own_cores = _other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), _own_cores(cpu0, cpu1)
     except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a working C++ compiler)
         row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
         row["traceback_tail"] = traceback.format_exc()[-1500:]
@@ -167,6 +218,7 @@ def main(argv=None) -> dict:
         "compile_s": round(compile_s, 2),
         "rss_peak_mib": _rss_peak_mib(),
         "loadavg": [round(v, 2) for v in os.getloadavg()],
+        "other_cpu_pct": other_cpu, "own_cpu_cores": own_cores,
     })
     print(json.dumps(row), flush=True)
     return row

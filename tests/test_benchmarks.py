@@ -4,14 +4,17 @@
 and these tests check the harness, not the convolutions.
 """
 import json
+import sys
+from pathlib import Path
 
-from benchmarks import throughput
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/ is not an installed package
+from benchmarks import throughput  # noqa: E402
 
 TINY = ["--model", "test_starnet_tiny", "--batch-size", "8", "--resolution", "32", "--steps", "2",
         "--warmup", "1", "--num-classes", "10", "--conv-impl", "xla"]
 KEYS = {"framework", "model", "mode", "batch", "resolution", "dtype", "devices", "threads", "num_params",
         "images_per_s", "median_step_ms", "compile_s", "first_call_s", "xla_peak_bytes", "rss_peak_mib",
-        "backend", "device_kind", "jax", "flax", "loadavg"}
+        "backend", "device_kind", "jax", "flax", "loadavg", "other_cpu_pct", "own_cpu_cores"}
 
 
 def _lines(capsys):
@@ -57,3 +60,9 @@ def test_ratios():
 def test_remat_reported_not_crashing(capsys):
     (row,) = throughput.main(TINY + ["--mode", "infer", "--remat"])
     assert row.get("remat") == "unsupported" or row["images_per_s"] > 0
+
+
+def test_all_zoo_smoke_check(capsys):
+    rows = throughput.main(["--all-zoo", "demonet_2d_*"])     # the 2-D toys: points in, no images
+    assert [r["model"] for r in rows] == ["demonet_2d_mul", "demonet_2d_sum"]
+    assert all(r["images_per_s"] > 0 and r["batch"] == 2 and r["resolution"] is None for r in rows)
