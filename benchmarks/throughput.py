@@ -45,12 +45,13 @@ import itertools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import machine
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TORCH_PYTHON = HERE / ".torchenv" / "bin" / "python"
@@ -181,20 +182,6 @@ def _memory(compiled) -> dict:
     return out
 
 
-def _rss_peak_mib() -> float:
-    """This process's RSS high-water mark: VmHWM on Linux (``ru_maxrss`` survives fork+exec, so a
-    child would report its parent's), else ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(r / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
-
-
 def _conv_impl_name():
     try:
         from lib.layers import conv
@@ -214,33 +201,6 @@ def _conv_impl_context(impl: str | None):
     if not hasattr(conv, "conv_impl"):
         raise SystemExit("--conv-impl: this version of lib.layers.conv has no conv_impl switch")
     return conv.conv_impl(impl)
-
-
-def _cpu_snapshot():
-    """(wall, all-CPU busy seconds from /proc/stat, this process's CPU seconds); busy is None off Linux."""
-    busy = None
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    except (OSError, ValueError, IndexError):
-        pass
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system
-
-
-def _own_cores(start, end):
-    """Cores this process kept busy during [start, end] (its CPU seconds / wall seconds)."""
-    return round((end[2] - start[2]) / (end[0] - start[0]), 2)
-
-
-def _other_cpu_pct(start, end, cores: int):
-    """CPU used by *other* processes during [start, end], in % of all the machine's cores:
-    the disturbance of a measurement (0 on a quiet machine; 100 = one process took the cores)."""
-    if start[1] is None or end[1] is None:
-        return None
-    other = (end[1] - start[1]) - (end[2] - start[2])
-    return round(max(0.0, 100 * other / ((end[0] - start[0]) * cores)), 1)
 
 
 def _create(name, num_classes, dtype, remat, mesh, seed):
@@ -340,14 +300,14 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
     for _ in range(args.warmup):
         jax.block_until_ready(call())
     times = []
-    cpu0 = _cpu_snapshot()
+    cpu0 = machine.cpu_snapshot()
     for _ in range(args.steps):
         t0 = time.perf_counter()
         out = call()
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
-    cpu1 = _cpu_snapshot()
-    other_cpu, own_cores = _other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), _own_cores(cpu0, cpu1)
+    cpu1 = machine.cpu_snapshot()
+    other_cpu, own_cores = machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), machine.own_cores(cpu0, cpu1)
     if mode == "train":
         loss = float(jax.device_get(out[1]["loss"]))
         result["final_loss"] = round(loss, 4) if np.isfinite(loss) else str(loss)
@@ -360,7 +320,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
         "steps": args.steps, "warmup": args.warmup,
         "compile_s": round(compile_s, 2), "first_call_s": round(first_call_s, 2),
         **_memory(compiled),
-        "rss_peak_mib": _rss_peak_mib(),
+        "rss_peak_mib": machine.rss_peak_mib(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "other_cpu_pct": other_cpu, "own_cpu_cores": own_cores,
         **_environment(),

@@ -22,13 +22,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 import traceback
+
+import machine  # benchmarks/machine.py: this script's folder is on sys.path when run as a script
 
 _TV_LIB = None
 
@@ -56,45 +57,6 @@ def _import_timm():
         _TV_LIB.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     import timm
     return timm, True
-
-
-def _rss_peak_mib() -> float:
-    """VmHWM (Linux): ``ru_maxrss`` survives fork+exec and would report the parent's peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _cpu_snapshot():
-    """(wall, all-CPU busy seconds from /proc/stat, this process's CPU seconds); busy is None off Linux."""
-    busy = None
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    except (OSError, ValueError, IndexError):
-        pass
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system
-
-
-def _own_cores(start, end):
-    """Cores this process kept busy during [start, end] (its CPU seconds / wall seconds)."""
-    return round((end[2] - start[2]) / (end[0] - start[0]), 2)
-
-
-def _other_cpu_pct(start, end, cores: int):
-    """CPU used by *other* processes during [start, end], in % of all the machine's cores:
-    the disturbance of a measurement (0 on a quiet machine; 100 = one process took the cores)."""
-    if start[1] is None or end[1] is None:
-        return None
-    other = (end[1] - start[1]) - (end[2] - start[2])
-    return round(max(0.0, 100 * other / ((end[0] - start[0]) * cores)), 1)
 
 
 def parse_args(argv=None):
@@ -194,13 +156,13 @@ def _run(args, threads: int) -> dict:
         for _ in range(args.warmup):
             step()
         times = []
-        cpu0 = _cpu_snapshot()
+        cpu0 = machine.cpu_snapshot()
         for _ in range(args.steps):
             t0 = time.perf_counter()
             out = step()   # CPU ops are synchronous: the result exists when the call returns
             times.append(time.perf_counter() - t0)
-        cpu1 = _cpu_snapshot()
-        other_cpu, own_cores = _other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), _own_cores(cpu0, cpu1)
+        cpu1 = machine.cpu_snapshot()
+        other_cpu, own_cores = machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), machine.own_cores(cpu0, cpu1)
     except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a working C++ compiler)
         row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
         row["traceback_tail"] = traceback.format_exc()[-1500:]
@@ -216,7 +178,7 @@ def _run(args, threads: int) -> dict:
         "max_step_ms": round(1000 * max(times), 2),
         "steps": args.steps, "warmup": args.warmup,
         "compile_s": round(compile_s, 2),
-        "rss_peak_mib": _rss_peak_mib(),
+        "rss_peak_mib": machine.rss_peak_mib(),
         "loadavg": [round(v, 2) for v in os.getloadavg()],
         "other_cpu_pct": other_cpu, "own_cpu_cores": own_cores,
     })
