@@ -29,8 +29,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests
 
-bench: $(STAMP)
-	$(PY) -m pytest -q -m benchmark benchmarks
+bench: $(STAMP)  # throughput of starnet_s1 (add --vs-timm after setting up benchmarks/README.md's torch env)
+	$(PY) -m benchmarks.throughput --model starnet_s1 --mode infer,train --batch-size 32 --resolution 224
 
 clean:
 	rm -rf $(VENV) build *.egg-info
