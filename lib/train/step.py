@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +146,3 @@ def make_optimizer(schedule: optax.Schedule, *, name: str = "adamw", weight_deca
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected 'adamw' or 'sgd'")
     return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip else opt
-
-
-def tree_bytes(tree: Any) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
