@@ -172,11 +172,15 @@ class Conv(nnx.Module):
         self.bias = (sharding.param(bias_init(rngs.params(), (out_channels,), param_dtype), ("out_channels",))
                      if use_bias else None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def compute_dtype(self, x: jax.Array):
+        """Check ``x`` is NHWC with ``in_channels`` channels; the dtype to compute in."""
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"Conv expects NHWC input [batch, height, width, {self.in_channels}], "
                              f"got shape {tuple(x.shape)}")
-        dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
+        return self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.compute_dtype(x)
         y = conv2d(x.astype(dtype), self.kernel[...].astype(dtype), self.stride, self.padding, self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
@@ -206,10 +210,7 @@ def fused_pointwise(convs: list[Conv], x: jax.Array) -> list[jax.Array]:
     branches), split back per conv. The weights stay stored separately."""
     if not use_fast_path() or any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.groups != 1 for c in convs):
         return [c(x) for c in convs]
-    first = convs[0]
-    if x.ndim != 4 or x.shape[-1] != first.in_channels:
-        raise ValueError(f"Conv expects NHWC input [batch, height, width, {first.in_channels}], got shape {tuple(x.shape)}")
-    dtype = first.dtype or jnp.result_type(x.dtype, first.kernel.dtype)
+    dtype = convs[0].compute_dtype(x)
     kernel = jnp.concatenate([c.kernel[...][0, 0] for c in convs], axis=-1).astype(dtype)
     y = jnp.matmul(x.astype(dtype), kernel)
     if all(c.bias is not None for c in convs):

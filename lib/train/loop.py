@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -46,16 +47,16 @@ def _print(*args):
         print(*args, flush=True)
 
 
-def validate(config, workdir: Path) -> None:
+def validate(config, workdir: Path):
+    """Check what can be checked before any work; returns the mesh the run will use."""
     parent = Path(workdir).absolute().parent
     if not parent.is_dir():
         raise ConfigError(f"the parent of workdir does not exist: {parent}")
-    names = [n for n, _ in config.mesh]
-    sizes = [s for _, s in config.mesh]
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if known > jax.device_count():
-        raise ConfigError(f"mesh {list(config.mesh)} needs {known} devices, but only {jax.device_count()} exist")
-    data_size = sharding.make_mesh(config.mesh).shape.get("data", 1) if "data" in names else 1
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    data_size = mesh.shape.get("data", 1)
     if config.input.batch_size % data_size or config.input.batch_size % jax.process_count():
         raise ConfigError(f"input.batch_size={config.input.batch_size} must divide by the data-parallel size "
                           f"{data_size} and the process count {jax.process_count()}")
@@ -63,6 +64,11 @@ def validate(config, workdir: Path) -> None:
     if config.input.batch_size % (accum * data_size):
         raise ConfigError(f"input.batch_size={config.input.batch_size} must divide into grad_accum_steps={accum} "
                           f"micro-batches that each divide by the data-parallel size {data_size}")
+    if config.get("compute_dtype", "float32") not in ("float32", "bfloat16"):
+        raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
+    if config.get("bn_stats", "global") not in ("global", "per_shard"):
+        raise ConfigError(f"bn_stats must be 'global' or 'per_shard', got {config.bn_stats!r}")
+    return mesh
 
 
 def _provenance() -> dict[str, Any]:
@@ -74,7 +80,6 @@ def _provenance() -> dict[str, Any]:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    import os
     return {"git_commit": commit, "argv": sys.argv, "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "orbax": orbax.checkpoint.__version__,
             "devices": [d.device_kind for d in jax.devices()], "process_count": jax.process_count(),
@@ -110,21 +115,17 @@ def _tensorboard_writer(workdir: Path):
     return SummaryWriter(str(workdir / "tensorboard"))
 
 
-def _save_best(directory: Path, state, step: int, top1: float) -> None:
-    """Keep the best evaluated weights in ``directory`` (loadable with ``zoo.load_weights``).
+def _save_best(directory: Path, model, step: int, top1: float) -> None:
+    """Keep the best evaluated weights in ``directory`` (``zoo.save_weights`` format).
 
     Written beside the old copy first and swapped in only when complete, so a crash mid-write
     never loses the previous best.
     """
     import shutil
-    import orbax.checkpoint as ocp
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists() and jax.process_index() == 0:
         shutil.rmtree(tmp)
-    weights = nnx.State.merge(state["params"], nnx.filter_state(state["rest"], nnx.BatchStat)).to_pure_dict()
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp.absolute(), weights)
-        ckptr.wait_until_finished()
+    zoo.save_weights(model, tmp)
     if jax.process_index() == 0:
         (tmp / "best.json").write_text(json.dumps({"step": step, "top1": top1}))
         old = directory.with_name(directory.name + ".old")
@@ -153,14 +154,13 @@ def evaluate(eval_step, params, rest, pipeline, batch_shardings) -> dict[str, fl
 def run(config, workdir: str | Path) -> dict[str, float]:
     """Train (or only evaluate) as ``config`` says, in ``workdir``; returns the final metrics."""
     workdir = Path(workdir).absolute()
-    validate(config, workdir)
+    mesh = validate(config, workdir)
     workdir.mkdir(exist_ok=True)
     if _is_main():
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         (workdir / "provenance.json").write_text(json.dumps(_provenance(), indent=2))
 
     set_conv_impl(config.get("conv_impl", "auto"))
-    mesh = sharding.make_mesh(config.mesh)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     per_process_batch = config.input.batch_size // jax.process_count()
     train_data = data.make_pipeline(config.input, train=True, batch_size=per_process_batch, seed=config.seed)
@@ -174,10 +174,7 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     steps_per_epoch = train_data.spec.steps_per_epoch
 
     model_kwargs = dict(config.model.get("kwargs", {}))
-    compute_dtype = config.get("compute_dtype", "float32")
-    if compute_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
-    if compute_dtype == "bfloat16":
+    if config.get("compute_dtype", "float32") == "bfloat16":
         model_kwargs["dtype"] = jnp.bfloat16
     model = zoo.create_model(config.model.name, num_classes=config.num_classes, rngs=config.seed, mesh=mesh,
                              sharding_rules=rules, **model_kwargs)
@@ -188,8 +185,6 @@ def run(config, workdir: str | Path) -> dict[str, float]:
         for _, module in nnx.iter_graph(model):
             if isinstance(module, BatchNorm):
                 module.batch_groups = groups
-    elif config.get("bn_stats", "global") != "global":
-        raise ConfigError(f"bn_stats must be 'global' or 'per_shard', got {config.bn_stats!r}")
 
     total_epochs = config.total_epochs + config.get("cooldown_epochs", 0)
     total_steps = config.get("total_steps") or int(math.ceil(total_epochs * steps_per_epoch))
@@ -215,7 +210,7 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     base_key = jax.random.key(config.seed)
     train_step = step_lib.make_train_step(graphdef, tx, step_cfg, base_key=base_key,
                                           state_shardings=state_shardings, batch_shardings=batch_shardings)
-    eval_step = step_lib.make_eval_step(graphdef)
+    eval_step = step_lib.make_eval_step(graphdef, state_shardings=state_shardings, batch_shardings=batch_shardings)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
     train_iter = iter(train_data)
@@ -280,7 +275,8 @@ def run(config, workdir: str | Path) -> dict[str, float]:
                     _print(f"step {step} val top1={ev['top1']:.4f} loss={ev['loss']:.4f}")
                     if ev["top1"] > best_top1:
                         best_top1 = ev["top1"]
-                        _save_best(workdir / "best", state, step, ev["top1"])
+                        _save_best(workdir / "best", nnx.merge(graphdef, state["params"], state["rest"]), step,
+                                   ev["top1"])
                 if at_checkpoint:
                     ckpt.save(step, state, train_iter)
                 if stop["signal"] is not None:
