@@ -32,7 +32,8 @@ from lib.convert import torch_to_nnx
 from lib.convert.torch_to_nnx import ConversionReport, WeightConversionError  # noqa: F401 (re-export)
 
 # Project modules whose import registers models. A new paper adds its models module here.
-_PROJECT_MODULES = ("projects.starnet.models",)
+_PROJECT_MODULES = ("projects.starnet.models", "projects.efficientmod.models", "projects.coc.models",
+                    "projects.fcvit.models", "projects.pemn.models")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ from flax import nnx
 
 from lib.layers.conv import Conv, depthwise_conv
 from lib.layers.drop import DropPath, drop_path_rates
-from lib.layers.norm import BatchNorm
+from lib.layers.metaformer import MetaFormerBlock
+from lib.layers.norm import BatchNorm, GroupNorm
 from lib.layers.star import star
 
 
@@ -83,3 +84,30 @@ def test_star_modes():
     np.testing.assert_array_equal(star(a, b, "sum"), [4.0, 6.0])
     with pytest.raises(ValueError, match="unknown star mode"):
         star(a, b, "max")
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_groupnorm_matches_torch_definition(groups):
+    x = np.random.default_rng(0).normal(1.0, 3.0, (2, 5, 6, 8)).astype(np.float32)
+    norm = GroupNorm(8, groups)
+    norm.scale[...] = jnp.arange(8, dtype=jnp.float32)
+    norm.bias[...] = jnp.full((8,), 0.5)
+    # torch: view as [B, G, C/G * H * W] (channels first), normalise each row with the biased variance
+    xt = x.transpose(0, 3, 1, 2).reshape(2, groups, -1)
+    want = (xt - xt.mean(-1, keepdims=True)) / np.sqrt(xt.var(-1, keepdims=True) + 1e-5)
+    want = want.reshape(2, 8, 5, 6).transpose(0, 2, 3, 1) * np.arange(8) + 0.5
+    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="GroupNorm expects"):
+        norm(jnp.zeros((2, 5, 6, 7)))
+
+
+def test_metaformer_block_is_two_scaled_residuals():
+    class Double(nnx.Module):
+        def __call__(self, x):
+            return 2 * x
+
+    rngs = nnx.Rngs(0)
+    block = MetaFormerBlock(4, Double(), Double(), layer_scale_init=0.25, rngs=rngs)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 3, 4)), jnp.float32)
+    h = x + 0.25 * 2 * block.norm1(x)
+    np.testing.assert_allclose(block(x), h + 0.25 * 2 * block.norm2(h), rtol=1e-6, atol=1e-6)

@@ -90,3 +90,33 @@ class LayerNorm(nnx.Module):
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype or x.dtype)
+
+
+class GroupNorm(nnx.Module):
+    """``torch.nn.GroupNorm(num_groups, C)`` on an NHWC tensor (eps 1e-5), computed in float32.
+
+    Each sample is normalised over its spatial axes and the channels of each group; the affine
+    scale/bias are per channel. ``GroupNorm(C)`` (one group) is the MetaFormer norm of Context
+    Clusters and FCViT: it normalises over (H, W, C) per sample.
+    """
+
+    def __init__(self, num_features: int, num_groups: int = 1, *, epsilon: float = 1e-5, dtype=None,
+                 param_dtype=jnp.float32):
+        if num_features % num_groups:
+            raise ValueError(f"GroupNorm: {num_groups} groups do not divide {num_features} channels")
+        self.num_features, self.num_groups, self.epsilon, self.dtype = num_features, num_groups, epsilon, dtype
+        self.scale = _ones(num_features, param_dtype)
+        self.bias = _zeros(num_features, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim < 2 or x.shape[-1] != self.num_features:
+            raise ValueError(f"GroupNorm expects [batch, ..., {self.num_features}] (channels last), "
+                             f"got shape {tuple(x.shape)}")
+        g = self.num_groups
+        x32 = x.astype(jnp.float32).reshape(x.shape[:-1] + (g, x.shape[-1] // g))
+        axes = tuple(range(1, x32.ndim - 2)) + (x32.ndim - 1,)  # spatial axes + channels in a group
+        mean = jnp.mean(x32, axes, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axes, keepdims=True)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype or x.dtype)

@@ -1,0 +1,1 @@
+"""coc models (being written)."""

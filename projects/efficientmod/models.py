@@ -1,0 +1,1 @@
+"""efficientmod models (being written)."""

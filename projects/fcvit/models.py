@@ -1,0 +1,1 @@
+"""fcvit models (being written)."""

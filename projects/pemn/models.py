@@ -1,0 +1,1 @@
+"""pemn models (being written)."""
