@@ -194,7 +194,9 @@ def load_weights(model: nnx.Module, path: str | Path, *, mesh: Mesh | None = Non
                  sharding_rules=sharding.DEFAULT_RULES) -> nnx.Module:
     """Restore :func:`save_weights` output into ``model`` (which may be abstract); returns it.
 
-    With ``mesh`` the arrays are restored directly into their shards.
+    With ``mesh`` the arrays are restored directly into their shards; without, each array keeps the
+    placement the model already has (a model created sharded stays sharded), and arrays of an
+    abstract model land on the first device.
     """
     import orbax.checkpoint as ocp
     path = Path(path).absolute()
@@ -205,7 +207,11 @@ def load_weights(model: nnx.Module, path: str | Path, *, mesh: Mesh | None = Non
         shardings = sharding.state_shardings(state, mesh, sharding_rules)
     else:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+        def current(v):
+            placed = getattr(v.get_value(), "sharding", None)
+            return placed if isinstance(placed, jax.sharding.Sharding) else one
+        shardings = jax.tree.map(current, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                           state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
     with ocp.StandardCheckpointer() as ckptr:

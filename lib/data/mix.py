@@ -38,7 +38,7 @@ def cutmix_box(key: jax.Array, height: int, width: int, lam: jax.Array) -> tuple
 
 def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
                  mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
+                 switch_prob: float = 0.5, label_smoothing: float = 0.1, extra: jax.Array | None = None):
     """Mix a batch ``images [B, H, W, C]``, ``labels [B]`` (int) with its flipped copy.
 
     With probability ``prob`` the batch is mixed: when both alphas are positive CutMix is chosen
@@ -46,11 +46,13 @@ def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_cl
     the box area). Targets are ``lam * y + (1 - lam) * y[::-1]`` with smoothed one-hot ``y``.
     With both alphas 0 (or ``prob`` 0) the images come back unchanged with smoothed one-hot targets.
 
-    Returns ``(mixed_images, soft_targets [B, num_classes] float32)``.
+    Returns ``(mixed_images, soft_targets [B, num_classes] float32)``. With ``extra`` (per-example
+    soft vectors, e.g. a teacher's probabilities ``[B, K]``) it returns a third value, ``extra``
+    mixed with the same weights as the targets.
     """
     targets = smoothed_one_hot(labels, num_classes, label_smoothing)
     if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
-        return images, targets
+        return (images, targets) if extra is None else (images, targets, extra)
 
     key_apply, key_switch, key_mix, key_cut, key_box = jax.random.split(key, 5)
     _, height, width, _ = images.shape
@@ -77,4 +79,7 @@ def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, *, num_cl
     else:
         branch = jnp.where(apply, 2 if cutmix_alpha > 0 else 1, 0)
     mixed, lam = jax.lax.switch(branch, (no_mix, mixup, cutmix))
-    return mixed, lam * targets + (1.0 - lam) * targets[::-1]
+    targets = lam * targets + (1.0 - lam) * targets[::-1]
+    if extra is None:
+        return mixed, targets
+    return mixed, targets, lam * extra + (1.0 - lam) * extra[::-1]

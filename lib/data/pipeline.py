@@ -197,6 +197,24 @@ def _finish(ds: grain.MapDataset, cfg: Any) -> grain.IterDataset:
     return it_ds
 
 
+# Per-example side data that a source may attach and the train transform carries through unchanged
+# (precomputed teacher logits for distillation, see lib.train.distill).
+TEACHER_LOGITS_KEY = "teacher_logits"
+PASSTHROUGH_KEYS = (TEACHER_LOGITS_KEY,)
+
+
+class _KeepSideData:
+    """Wrap an image transform so the :data:`PASSTHROUGH_KEYS` of an example survive it."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        out = self.transform(example, rng)
+        out.update({k: example[k] for k in PASSTHROUGH_KEYS if k in example})
+        return out
+
+
 class _Constant:
     """A random-access source repeating one element (the eval padding)."""
 
@@ -269,7 +287,7 @@ def make_pipeline(input_cfg: Any, *, train: bool, batch_size: int, seed: int,
             ds = ds.shuffle()
         # random_map before batch/repeat: batching and repeating pass the absolute stream position
         # down, so epoch e re-seeds both the shuffle and the augmentation of every example.
-        ds = ds.random_map(transform).batch(batch_size, drop_remainder=True).repeat()
+        ds = ds.random_map(_KeepSideData(transform)).batch(batch_size, drop_remainder=True).repeat()
         spec = DataSpec(num_examples=per_process, batch_size=batch_size, steps_per_epoch=per_process // batch_size,
                         num_classes=num_classes, image_size=image_size, process_index=process_index,
                         process_count=process_count)

@@ -29,7 +29,7 @@ from flax import nnx
 from lib import data, sharding, zoo
 from lib.layers.conv import set_conv_impl
 from lib.layers.norm import BatchNorm
-from lib.train import checkpoint, schedules, step as step_lib
+from lib.train import checkpoint, distill as distill_lib, schedules, step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,13 @@ def validate(config, workdir: Path):
         raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
     if config.get("bn_stats", "global") not in ("global", "per_shard"):
         raise ConfigError(f"bn_stats must be 'global' or 'per_shard', got {config.bn_stats!r}")
+    try:
+        distill_lib.config_from(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    logits_file = config.get("distill", {}).get("teacher_logits")
+    if logits_file and not Path(logits_file).is_file():
+        raise ConfigError(f"distill.teacher_logits={logits_file} is not a file")
     return mesh
 
 
@@ -163,7 +170,14 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     set_conv_impl(config.get("conv_impl", "auto"))
     rules = tuple(tuple(r) for r in config.sharding_rules)
     per_process_batch = config.input.batch_size // jax.process_count()
-    train_data = data.make_pipeline(config.input, train=True, batch_size=per_process_batch, seed=config.seed)
+    distill_cfg = distill_lib.config_from(config)
+    train_source = None
+    if distill_cfg is not None and config.distill.get("teacher_logits"):  # each example carries its teacher logits
+        train_source = distill_lib.TeacherLogitsSource(
+            data.make_source(config.input, config.input.get("train_split", "train")),
+            np.load(config.distill.teacher_logits), num_classes=config.num_classes)
+    train_data = data.make_pipeline(config.input, train=True, batch_size=per_process_batch, seed=config.seed,
+                                    source=train_source)
     eval_data = data.make_pipeline(config.input, train=False, batch_size=per_process_batch, seed=config.seed)
     extra_evals = {}  # name -> pipeline: the final evaluation at other resolutions / crop fractions
     for image_size, crop_pct in config.get("final_evals", []):
@@ -197,19 +211,28 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     state_shardings = step_lib.shardings_of(state)
     batch_shardings = {"image": sharding.batch_sharding(mesh, rules, 4), "label": sharding.batch_sharding(mesh, rules, 1),
                        "mask": sharding.batch_sharding(mesh, rules, 1)}
+    teacher = None
+    if train_source is not None:
+        batch_shardings[distill_lib.TEACHER_LOGITS_KEY] = sharding.batch_sharding(mesh, rules, 2)
+    elif distill_cfg is not None:
+        teacher = distill_lib.load_teacher(config.distill.teacher, config.distill.get("teacher_weights"),
+                                           num_classes=config.num_classes, mesh=mesh, sharding_rules=rules)
+        _print(f"distilling from {config.distill.teacher} ({zoo.count_params(teacher):,} params), "
+               f"alpha={distill_cfg.alpha} tau={distill_cfg.tau}")
     mixup = None
     if config.mixup.mixup_alpha > 0 or config.mixup.cutmix_alpha > 0:
         mixup_kwargs = dict(config.mixup)
 
-        def mixup(key, images, labels):
+        def mixup(key, images, labels, extra=None):
             return data.mixup_cutmix(key, images, labels, num_classes=config.num_classes,
-                                     label_smoothing=config.label_smoothing, **mixup_kwargs)
+                                     label_smoothing=config.label_smoothing, extra=extra, **mixup_kwargs)
     step_cfg = step_lib.StepConfig(num_classes=config.num_classes, label_smoothing=config.label_smoothing,
                                    ema_decay=config.ema_decay, grad_accum_steps=config.get("grad_accum_steps", 1),
-                                   mixup=mixup)
+                                   mixup=mixup, distill=distill_cfg)
     base_key = jax.random.key(config.seed)
     train_step = step_lib.make_train_step(graphdef, tx, step_cfg, base_key=base_key,
-                                          state_shardings=state_shardings, batch_shardings=batch_shardings)
+                                          state_shardings=state_shardings, batch_shardings=batch_shardings,
+                                          teacher=teacher)
     eval_step = step_lib.make_eval_step(graphdef, state_shardings=state_shardings, batch_shardings=batch_shardings)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lib.train import distill as distill_lib
 from lib.train import losses
 
 
@@ -30,7 +31,8 @@ class StepConfig:
     label_smoothing: float = 0.0
     ema_decay: float = 0.0                 # 0 disables the EMA
     grad_accum_steps: int = 1              # micro-batches per optimizer step
-    mixup: Callable | None = None          # (key, images, labels) -> (images, soft targets)
+    mixup: Callable | None = None          # (key, images, labels, extra=None) -> (images, soft targets[, extra])
+    distill: distill_lib.Distillation | None = None  # soft distillation: needs a teacher or teacher logits
 
 
 def _stream_policy(path, key, shape):
@@ -67,53 +69,90 @@ def shardings_of(tree):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, base_key: jax.Array,
-                    state_shardings, batch_shardings, donate: bool = True):
-    """``step(state, batch) -> (state, metrics)``; ``batch`` has ``image`` [B,H,W,C] and ``label`` [B]."""
-    k = cfg.grad_accum_steps
+                    state_shardings, batch_shardings, donate: bool = True, teacher: nnx.Module | None = None):
+    """``step(state, batch) -> (state, metrics)``; ``batch`` has ``image`` [B,H,W,C] and ``label`` [B].
 
-    def loss_and_grads(params, rest, images, labels, key):
-        if cfg.mixup is not None:
+    Distillation (``cfg.distill``) takes its teacher from ``teacher`` (a model in eval mode, run on
+    the same mixed images; its state is a non-donated input of the jitted step, not part of
+    ``state``) or from precomputed logits in ``batch["teacher_logits"]`` [B, K].
+    """
+    k = cfg.grad_accum_steps
+    dcfg = cfg.distill
+    teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+    if dcfg is not None and teacher is None and distill_lib.TEACHER_LOGITS_KEY not in (batch_shardings or {}):
+        raise ValueError("cfg.distill is set but there is no teacher: pass teacher=<model> or batches with "
+                         f"{distill_lib.TEACHER_LOGITS_KEY!r}")
+
+    def mix_and_teach(batch, key, teacher_state):
+        """Mixed images, soft targets and (when distilling) the teacher's log-probabilities."""
+        images, labels = batch["image"], batch["label"]
+        stored = batch.get(distill_lib.TEACHER_LOGITS_KEY) if dcfg is not None else None
+        teacher_probs = None if stored is None else jnp.exp(distill_lib.teacher_log_probs(stored, dcfg.tau))
+        if cfg.mixup is not None and teacher_probs is not None:
+            images, targets, teacher_probs = cfg.mixup(jax.random.fold_in(key, 0), images, labels, extra=teacher_probs)
+        elif cfg.mixup is not None:
             images, targets = cfg.mixup(jax.random.fold_in(key, 0), images, labels)
         else:
             targets = losses.smoothed_one_hot(labels, cfg.num_classes, cfg.label_smoothing)
+        if dcfg is None:
+            return images, targets, None
+        if teacher_probs is not None:
+            return images, targets, jnp.log(teacher_probs)
+        return images, targets, distill_lib.teacher_log_probs(nnx.merge(teacher_graphdef, teacher_state)(images),
+                                                              dcfg.tau)
+
+    def loss_and_grads(params, rest, batch, key, teacher_state):
+        images, targets, teacher_lp = mix_and_teach(batch, key, teacher_state)
 
         def loss_fn(p):  # copy: fresh Variables at this trace level, so BatchNorm may update them
             model = nnx.merge(graphdef, p, rest, copy=True)
             nnx.reseed(model, dropout=jax.random.fold_in(key, 1), policy=_stream_policy)
             logits = model(images)
             loss = jnp.mean(losses.soft_target_cross_entropy(logits, targets))
-            return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+            kl = jnp.zeros(())
+            if dcfg is not None:
+                kl = jnp.mean(distill_lib.kl_divergence(logits, teacher_lp, dcfg.tau))
+                loss = distill_lib.combine(loss, kl, dcfg)
+            return loss, (logits, kl, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (loss, (logits, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        correct = losses.topk_correct(logits, labels, 1)
-        return loss, grads, new_rest, jnp.mean(correct)
+        (loss, (logits, kl, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        correct = losses.topk_correct(logits, batch["label"], 1)
+        return loss, grads, new_rest, {"top1": jnp.mean(correct), "distill_kl": kl}
 
-    def step(state, batch):
+    def step(state, batch, teacher_state):
         key = jax.random.fold_in(base_key, state["step"])
         params, rest = state["params"], state["rest"]
-        images, labels = batch["image"], batch["label"]
         if k == 1:
-            loss, grads, rest, acc = loss_and_grads(params, rest, images, labels, key)
+            loss, grads, rest, extra = loss_and_grads(params, rest, batch, key, teacher_state)
         else:  # equal micro-batches, gradients averaged: the same as one k-times larger batch
-            micro = images.shape[0] // k
-            loss, acc, grads = 0.0, 0.0, jax.tree.map(jnp.zeros_like, params)
+            micro = batch["image"].shape[0] // k
+            loss, grads = 0.0, jax.tree.map(jnp.zeros_like, params)
+            extra = {"top1": 0.0, "distill_kl": 0.0}
             for i in range(k):
-                sl = slice(i * micro, (i + 1) * micro)
-                l, g, rest, a = loss_and_grads(params, rest, images[sl], labels[sl], jax.random.fold_in(key, 2 + i))
-                loss, acc = loss + l / k, acc + a / k
+                part = {name: v[i * micro:(i + 1) * micro] for name, v in batch.items()}
+                l, g, rest, e = loss_and_grads(params, rest, part, jax.random.fold_in(key, 2 + i), teacher_state)
+                loss = loss + l / k
+                extra = jax.tree.map(lambda s, x: s + x / k, extra, e)
                 grads = jax.tree.map(lambda s, x: s + x / k, grads, g)
         updates, opt = tx.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
         ema = state["ema"]
         if ema is not None:
             ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
-        metrics = {"loss": loss, "top1": acc, "grad_norm": optax.tree.norm(grads),
+        metrics = {"loss": loss, "top1": extra["top1"], "grad_norm": optax.tree.norm(grads),
                    "param_norm": optax.tree.norm(params)}
+        if dcfg is not None:
+            metrics["distill_kl"] = extra["distill_kl"]
         new_state = {"params": params, "rest": rest, "opt": opt, "ema": ema, "step": state["step"] + 1}
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,) if donate else ())
+    if teacher is None:
+        return jax.jit(lambda state, batch: step(state, batch, None),
+                       in_shardings=(state_shardings, batch_shardings),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, shardings_of(teacher_state)),
+                     out_shardings=(state_shardings, None), donate_argnums=(0,) if donate else ())
+    return lambda state, batch: jitted(state, batch, teacher_state)
 
 
 def make_eval_step(graphdef, *, state_shardings=None, batch_shardings=None):

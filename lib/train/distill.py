@@ -1,0 +1,133 @@
+"""Soft knowledge distillation (DeiT's ``DistillationLoss``, ``--distillation-type soft``), for every project.
+
+    loss = (1 - alpha) * CE(student, mixed targets) + alpha * tau^2 * KL(p_teacher || p_student)
+
+with ``p = softmax(logits / tau)`` and the KL summed over classes and averaged over the batch,
+exactly ``F.kl_div(log_softmax(s/tau), log_softmax(t/tau), reduction='batchmean', log_target=True)``.
+EfficientMod's recipe uses alpha 0.9 and tau 1 with a RegNetY-160 teacher.
+
+The teacher comes from one of two places (``config.distill``):
+
+* ``teacher``: any zoo model name, with ``teacher_weights`` (an official PyTorch checkpoint or a
+  directory written by ``zoo.save_weights``). It runs in eval mode inside the train step on the
+  same (mixed-up) images the student sees, as upstream; its weights are a non-donated input of
+  the step, never part of the train state or its checkpoints.
+* ``teacher_logits``: a ``.npy`` file ``[num_train_examples, num_classes]`` of precomputed logits
+  in the training source's order (write one with :func:`compute_teacher_logits`). Each example
+  carries its row through the pipeline; mixup/cutmix mix the teacher's *probabilities* with the
+  same weights as the labels. That approximates the teacher on the mixed image, for a teacher too
+  large (or too slow) to run beside the student.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lib.data.pipeline import TEACHER_LOGITS_KEY  # carried through the train pipeline's augmentations
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """The distillation term's weight and temperature (upstream defaults)."""
+
+    alpha: float = 0.9
+    tau: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if self.tau <= 0:
+            raise ValueError(f"distill.tau must be positive, got {self.tau}")
+
+
+def kl_divergence(student_logits: jax.Array, teacher_log_probs: jax.Array, tau: float) -> jax.Array:
+    """Per-example ``KL(p_t || softmax(s / tau))``, summed over classes, in float32.
+
+    ``teacher_log_probs`` are ``log_softmax(t / tau)`` (already temperature-scaled); zero
+    probabilities contribute zero, as ``kl_div`` with ``log_target=True``.
+    """
+    log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau, axis=-1)
+    log_p_t = teacher_log_probs.astype(jnp.float32)
+    p_t = jnp.exp(log_p_t)
+    log_p_t = jnp.where(p_t > 0, log_p_t, 0.0)  # 0 * log 0 = 0, without a NaN in any gradient
+    return jnp.sum(p_t * (log_p_t - log_p_s), axis=-1)
+
+
+def teacher_log_probs(teacher_logits: jax.Array, tau: float) -> jax.Array:
+    return jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / tau, axis=-1)
+
+
+def combine(base_loss: jax.Array, kl: jax.Array, cfg: Distillation) -> jax.Array:
+    """``(1 - alpha) * base + alpha * tau^2 * KL``, both already averaged over the batch."""
+    return (1.0 - cfg.alpha) * base_loss + cfg.alpha * cfg.tau ** 2 * kl
+
+
+def config_from(config) -> Distillation | None:
+    """The ``config.distill`` section as a :class:`Distillation`, or None when no teacher is set."""
+    d = config.get("distill")
+    if not d or not (d.get("teacher") or d.get("teacher_logits")):
+        return None
+    if d.get("teacher") and d.get("teacher_logits"):
+        raise ValueError("distill: set either teacher (a zoo model) or teacher_logits (a .npy file), not both")
+    return Distillation(alpha=float(d.get("alpha", 0.9)), tau=float(d.get("tau", 1.0)))
+
+
+def load_teacher(name: str, weights: str | None, *, num_classes: int, mesh=None, sharding_rules=()) -> nnx.Module:
+    """A zoo model in eval mode with ``weights`` loaded strictly (no classifier re-initialisation:
+    a teacher whose head does not fit the task is an error, not a silent random head)."""
+    from lib import zoo
+    model = zoo.create_model(name, num_classes=num_classes, rngs=0, mesh=mesh, sharding_rules=sharding_rules)
+    if weights:
+        path = Path(weights)
+        if path.is_dir():
+            zoo.load_weights(model, path)
+        else:
+            zoo.load_torch_weights(model, path, strict=True)
+    model.eval()
+    return model
+
+
+class TeacherLogitsSource:
+    """A random-access source that adds row ``i`` of ``logits`` to example ``i`` of ``source``."""
+
+    def __init__(self, source: Any, logits: np.ndarray, num_classes: int | None = None):
+        logits = np.asarray(logits, np.float32)
+        if logits.ndim != 2 or logits.shape[0] != len(source):
+            raise ValueError(f"teacher logits must be [num_examples={len(source)}, num_classes], got shape "
+                             f"{logits.shape}; compute them in the training source's order "
+                             f"(lib.train.distill.compute_teacher_logits)")
+        if num_classes is not None and logits.shape[1] != num_classes:
+            raise ValueError(f"teacher logits have {logits.shape[1]} classes, the task has {num_classes}")
+        self.source, self.logits = source, logits
+        self.num_classes = getattr(source, "num_classes", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.source[index], TEACHER_LOGITS_KEY: self.logits[index]}
+
+
+def compute_teacher_logits(model: nnx.Module, input_cfg, *, batch_size: int = 256) -> np.ndarray:
+    """Logits of ``model`` (eval mode, eval transform) for every training example, in source order.
+
+    Save them with ``np.save`` and point ``config.distill.teacher_logits`` at the file.
+    """
+    from lib import data
+    cfg = input_cfg.copy_and_resolve_references()
+    cfg.val_split = cfg.get("train_split", "train")
+    pipeline = data.make_pipeline(cfg, train=False, batch_size=batch_size, seed=0, process_index=0, process_count=1)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    rows = []
+    for batch in pipeline:
+        logits = np.asarray(forward(state, batch["image"]), np.float32)
+        rows.append(logits[batch["mask"] > 0])  # drop the eval padding at the end
+    return np.concatenate(rows)
