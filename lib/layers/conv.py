@@ -208,7 +208,8 @@ class ConvBN(nnx.Module):
 def fused_pointwise(convs: list[Conv], x: jax.Array) -> list[jax.Array]:
     """Several 1x1 convs of the same input as ONE matmul on the fast path (e.g. the two star
     branches), split back per conv. The weights stay stored separately."""
-    if not use_fast_path() or any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.groups != 1 for c in convs):
+    if not use_fast_path() or any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.groups != 1 for c in convs) \
+            or not all(isinstance(c, Conv) for c in convs):   # e.g. masked convs compute their own kernel
         return [c(x) for c in convs]
     dtype = convs[0].compute_dtype(x)
     kernel = jnp.concatenate([c.kernel[...][0, 0] for c in convs], axis=-1).astype(dtype)

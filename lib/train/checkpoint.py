@@ -15,6 +15,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lib.layers import masked
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,10 @@ class Checkpointer:
     def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
         if step in self.manager.all_steps():
             return False
+        state, regenerable = masked.split_regenerable(state)  # frozen weights rebuilt from a seed: only recorded
         items = {"state": ocp.args.StandardSave(state)}
+        if regenerable:
+            items["frozen"] = ocp.args.JsonSave(masked.frozen_manifest(regenerable))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -40,9 +45,12 @@ class Checkpointer:
 
         Returns ``(state, step)``, or ``(None, None)`` when there is no checkpoint.
         """
+        state, regenerable = masked.split_regenerable(state)
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         for step in sorted(self.manager.all_steps(), reverse=True):
             items = {"state": ocp.args.StandardRestore(target)}
+            if regenerable:
+                items["frozen"] = ocp.args.JsonRestore()
             if data_iterator is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
@@ -52,7 +60,9 @@ class Checkpointer:
                 log.warning("checkpoint at step %d in %s is unreadable (%s: %s); it was moved to %s (nothing is "
                             "deleted) and an earlier one is tried", step, self.directory, type(e).__name__, e, kept)
                 continue
-            return restored["state"], step
+            if regenerable:  # outside the try: a mismatch is an error, not an unreadable checkpoint
+                masked.check_frozen_manifest(restored["frozen"], masked.frozen_manifest(regenerable))
+            return masked.merge_regenerable(restored["state"], regenerable), step
         return None, None
 
     def _set_aside(self, step: int) -> Path:

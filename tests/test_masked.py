@@ -1,0 +1,227 @@
+"""Masked layers (lib/layers/masked.py): exact top-k counts, the straight-through gradient, dense
+equivalence at keep=1, mask_model / bake on an existing model, and frozen weights kept out of the
+optimizer and (when regenerable) out of checkpoints."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lib import zoo
+from lib.layers import masked, prototypes
+from lib.layers.conv import Conv
+from lib.layers.linear import Linear
+from lib.train import checkpoint, step as step_lib
+
+
+@pytest.mark.parametrize("n,keep", [(10, 0.7), (1000, 0.5), (37, 0.9), (64, 0.01), (5, 1.0), (100, 0.3)])
+def test_kept_count_is_exact(n, keep):
+    s = jax.random.normal(jax.random.key(n), (n,))
+    m = masked.topk_mask(s, keep)
+    assert set(np.unique(np.asarray(m)).tolist()) <= {0.0, 1.0}
+    assert int(m.sum()) == n - int((1 - keep) * n) == masked.kept_count(n, keep)
+    # the kept entries are the largest |s|
+    kept = np.abs(np.asarray(s))[np.asarray(m) == 1]
+    dropped = np.abs(np.asarray(s))[np.asarray(m) == 0]
+    assert dropped.size == 0 or kept.min() >= dropped.max()
+
+
+def test_keep_fraction_matches_reference_rounding():
+    # (1 - 0.7) * 10 = 3.0000000000000004 -> int 3: 7 kept, as torch's GetSubnet
+    assert masked.kept_count(10, 0.7) == 7
+    assert masked.kept_count(3, 0.5) == 2          # j = int(1.5) = 1 dropped
+    with pytest.raises(ValueError, match="fraction of weights kept"):
+        masked.topk_mask(jnp.ones(4), 0.0)
+
+
+def test_mask_is_invariant_to_score_scaling():
+    s = jax.random.normal(jax.random.key(0), (8, 16))
+    m = masked.topk_mask(s, 0.4)
+    for c in (1e-4, 3.7, 1e3, -2.0):                # |.| makes the sign irrelevant too
+        np.testing.assert_array_equal(masked.topk_mask(c * s, 0.4), m)
+
+
+def _grad_pair(layer, x):
+    """(dL/dscores, sign(s) * W * dL/dW_eff) for L = sum(sin(layer(x)))."""
+    graphdef, scores, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(p):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)))
+
+    g_scores = jax.grad(loss)(scores)["scores"][...]
+    w_eff = layer.effective_kernel()
+
+    def loss_of_weff(w):   # the same network computed with W_eff as the free variable
+        if isinstance(layer, masked.MaskedLinear):
+            return jnp.sum(jnp.sin(x @ w))
+        from lib.layers.conv import conv2d
+        return jnp.sum(jnp.sin(conv2d(x, w, layer.stride, layer.padding, layer.groups)))
+
+    g_weff = jax.grad(loss_of_weff)(w_eff)
+    return g_scores, g_weff
+
+
+def test_scores_gradient_is_sign_times_weight_times_weff_gradient():
+    """GetSubnet's STE passes dL/dmask straight to |scores|; abs sits outside it, so
+    dL/dscores = sign(s) * W * dL/dW_eff (topk) and W * dL/dW_eff (threshold on raw scores)."""
+    rngs = nnx.Rngs(0)
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    lin = masked.MaskedLinear(6, 5, keep=0.5, rngs=rngs)
+    g, gw = _grad_pair(lin, x)
+    s, w = lin.scores[...], lin.kernel[...]
+    np.testing.assert_allclose(g, jnp.sign(s) * w * gw, rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(g).sum()) > 0
+    # dropped weights get a gradient too (that is what lets a mask change)
+    mask = np.asarray(lin.mask())
+    assert np.abs(np.asarray(g))[mask == 0].sum() > 0
+
+    thr = masked.MaskedLinear(6, 5, mode="threshold", threshold=0.05, rngs=rngs)
+    g, gw = _grad_pair(thr, x)
+    np.testing.assert_allclose(g, thr.kernel[...] * gw, rtol=1e-6, atol=1e-7)
+
+    xc = jax.random.normal(jax.random.key(2), (2, 7, 7, 4))
+    for conv in (masked.MaskedConv(4, 6, 3, padding=1, keep=0.3, rngs=rngs),
+                 masked.masked_depthwise_conv(4, 5, keep=0.6, rngs=rngs)):
+        g, gw = _grad_pair(conv, xc)
+        np.testing.assert_allclose(g, jnp.sign(conv.scores[...]) * conv.kernel[...] * gw, rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_mode_and_global_threshold():
+    rngs = nnx.Rngs(0)
+    layers = [masked.MaskedLinear(8, 8, mode="threshold", rngs=rngs), masked.MaskedLinear(8, 4, mode="threshold",
+                                                                                          rngs=rngs)]
+    tau = masked.threshold_for_keep([l.scores[...] for l in layers], 0.25)
+    for l in layers:
+        l.threshold = float(tau)
+    kept = sum(int(l.mask().sum()) for l in layers)
+    assert kept == masked.kept_count(96, 0.25)
+    np.testing.assert_array_equal(layers[0].mask(), (layers[0].scores[...] >= tau).astype(jnp.float32))
+    with pytest.raises(ValueError, match="unknown mask mode"):
+        masked.MaskedLinear(2, 2, mode="bernoulli", rngs=rngs)
+
+
+def test_keep_one_reproduces_the_dense_layers():
+    rngs = nnx.Rngs(0)
+    x = jax.random.normal(jax.random.key(3), (2, 9, 9, 6))
+    for dense in (Conv(6, 8, 3, stride=2, padding=1, use_bias=False, rngs=rngs),
+                  Conv(6, 6, 5, padding=2, groups=6, use_bias=True, rngs=rngs),
+                  Conv(6, 8, 1, rngs=rngs)):
+        m = masked.MaskedConv(6, dense.out_channels, dense.kernel_size, stride=dense.stride,
+                              padding=dense.padding[0][0], groups=dense.groups, keep=1.0, kernel=dense.kernel[...],
+                              bias=None if dense.bias is None else dense.bias[...], rngs=rngs)
+        np.testing.assert_array_equal(m(x), dense(x))
+    lin = Linear(6, 3, rngs=rngs)
+    m = masked.MaskedLinear(6, 3, keep=1.0, kernel=lin.kernel[...], bias=lin.bias[...], rngs=rngs)
+    np.testing.assert_array_equal(m(x), lin(x))
+
+
+def test_masked_layers_shard_like_their_dense_twins():
+    rngs = nnx.Rngs(0)
+    for dense, twin in ((Conv(4, 8, 3, rngs=rngs), masked.MaskedConv(4, 8, 3, rngs=rngs)),
+                        (Conv(4, 4, 3, groups=4, rngs=rngs), masked.MaskedConv(4, 4, 3, groups=4, rngs=rngs)),
+                        (Linear(4, 10, out_axis="classes", rngs=rngs),
+                         masked.MaskedLinear(4, 10, out_axis="classes", rngs=rngs))):
+        names = dense.kernel.get_metadata()["out_sharding"]
+        assert twin.kernel.get_metadata()["out_sharding"] == names
+        assert twin.scores.get_metadata()["out_sharding"] == names
+        assert isinstance(twin.kernel, masked.FrozenWeight) and not isinstance(twin.kernel, nnx.Param)
+
+
+def test_bad_inputs_raise():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match="NHWC"):
+        masked.MaskedConv(3, 4, 3, rngs=rngs)(jnp.ones((2, 8, 8, 4)))
+    with pytest.raises(ValueError, match="input features"):
+        masked.MaskedLinear(3, 4, rngs=rngs)(jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="kernel of shape"):
+        masked.MaskedLinear(3, 4, kernel=jnp.ones((4, 3)), rngs=rngs)
+
+
+@pytest.fixture(scope="module")
+def tiny_starnet():
+    return zoo.create_model("test_starnet_tiny", num_classes=5)
+
+
+def test_mask_model_and_bake_on_an_existing_model(tiny_starnet):
+    model = nnx.clone(tiny_starnet)
+    model.eval()
+    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    dense_out = model(x)
+    masked.mask_model(model, "stages/[12]/.*|head", keep=1.0, rngs=1)   # keep 1: nothing changes
+    np.testing.assert_allclose(model(x), dense_out, rtol=1e-6, atol=1e-6)
+    chosen = masked.masked_layers(model)
+    assert chosen and all(p.startswith(("stages/1", "stages/2", "head")) for p in chosen)
+    assert "head/fc" in chosen and isinstance(chosen["head/fc"], masked.MaskedLinear)
+    # frozen, stored weights (no regeneration recipe), trainable scores
+    assert all(l.kernel.get_metadata()["source"] is None for l in chosen.values())
+
+    model = masked.mask_model(nnx.clone(tiny_starnet), ".*", keep=0.7, rngs=1)
+    model.eval()
+    baked = masked.bake(model)
+    assert not masked.masked_layers(baked)
+    assert not jax.tree.leaves(nnx.state(baked, masked.FrozenWeight))
+    np.testing.assert_allclose(baked(x), model(x), rtol=1e-6, atol=1e-6)
+    assert masked.masked_layers(model)                                 # the input model is unchanged
+    assert not np.allclose(model(x), dense_out, atol=1e-3)             # keep 0.7 did change the output
+    with pytest.raises(ValueError, match="no Linear or Conv layer"):
+        masked.mask_model(nnx.clone(tiny_starnet), "no_such_layer")
+
+
+def _tiny_pemn(**kw):
+    return zoo.create_model("pemn_convmixer_32_4", num_classes=10, rngs=0, **kw)
+
+
+def test_frozen_weights_get_no_gradient_and_no_optimizer_state():
+    model = _tiny_pemn(weight_strategy="rp", rp_ratio=1e-2)
+    frozen_before = jax.tree.map(np.asarray, nnx.state(model, masked.FrozenWeight))
+    tx = step_lib.make_optimizer(optax.constant_schedule(1e-2), weight_decay=5e-3)
+    graphdef, state = step_lib.init_train_state(model, tx, ema=False)
+    param_names = {p[-1] for p, _ in nnx.to_flat_state(state["params"])}
+    assert param_names == {"scores", "scale", "bias"}                  # scores + BatchNorm affine only
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    n_frozen = sum(x.size for x in jax.tree.leaves(frozen_before))
+    adam_moments = sum(x.size for x in jax.tree.leaves(state["opt"]) if x.ndim > 0)
+    assert adam_moments == 2 * n_params                                # mu and nu of params, nothing else
+    assert n_frozen == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+                           if x.ndim > 1)                              # one score per frozen weight
+    shardings = step_lib.shardings_of(state)
+    train = step_lib.make_train_step(graphdef, tx, step_lib.StepConfig(num_classes=10), base_key=jax.random.key(0),
+                                     state_shardings=shardings, batch_shardings=None, donate=False)
+    batch = {"image": jax.random.normal(jax.random.key(5), (8, 8, 8, 3)), "label": jnp.arange(8) % 10}
+    new_state, metrics = train(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    frozen_after = nnx.split_state(new_state["rest"], masked.FrozenWeight, ...)[0]
+    jax.tree.map(np.testing.assert_array_equal, frozen_after, frozen_before)
+    assert not np.allclose(new_state["params"]["stem"]["scores"][...], state["params"]["stem"]["scores"][...])
+
+
+def test_checkpoints_leave_out_regenerable_weights_and_check_them(tmp_path):
+    tx = step_lib.make_optimizer(optax.constant_schedule(1e-2))
+    _, state = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=3), tx, ema=False)
+    ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False)
+    ckpt.save(1, state, force=True)
+    ckpt.close()
+    stored = (tmp_path / "a" / "1" / "state").rglob("*")
+    saved_metadata = "".join(p.read_text(errors="ignore") for p in stored if p.is_file() and "metadata" in p.name.lower())
+    assert "scores" in saved_metadata and "kernel" not in saved_metadata   # weights absent, scores present
+
+    # a model regenerated with the same recipe restores, frozen weights included
+    _, fresh = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=3), tx, ema=False)
+    ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False)
+    restored, step = ckpt.restore_latest(fresh)
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    # another seed: a clear error, and the checkpoint is left where it is
+    _, other = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=4), tx, ema=False)
+    with pytest.raises(masked.FrozenWeightMismatch, match=r"seed 3 in the checkpoint vs 4 now"):
+        ckpt.restore_latest(other)
+    assert ckpt.manager.all_steps() == [1]
+    ckpt.close()
+
+    # frozen weights that cannot be regenerated (mask_model over trained weights) are stored
+    model = masked.mask_model(zoo.create_model("test_demonet_tiny", num_classes=3), "head", keep=0.9)
+    _, state = step_lib.init_train_state(model, tx, ema=False)
+    stored, regenerable = masked.split_regenerable(state)
+    assert not regenerable
+    assert nnx.to_flat_state(nnx.split_state(stored["rest"], masked.FrozenWeight, ...)[0])   # kept in the state

@@ -1,0 +1,134 @@
+"""PEMN (projects/pemn, lib/layers/prototypes.py): the weight-sharing strategies against the
+reference's unique-value counts and flattening order, storage accounting, the models and configs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lib import zoo
+from lib.layers import masked, prototypes
+from projects.pemn.models import ConvMixer
+
+# yueb17/PEMN, ConvMixer-256 depth 6, 10 classes, patch 2, kernel 5 (reference table, §1.2)
+RP_COUNTS = {1e-1: 6554, 1e-2: 656, 1e-3: 66, 1e-4: 7, 1e-5: 1}
+
+
+@pytest.fixture(scope="module")
+def convmixer_256_6_shapes():
+    model = zoo.create_model("pemn_convmixer_256_6", num_classes=10, abstract=True)
+    return {name: tuple(l.kernel.shape) for name, l in masked.masked_layers(model).items()}, model
+
+
+def test_unique_value_counts_match_the_reference_table(convmixer_256_6_shapes):
+    shapes, model = convmixer_256_6_shapes
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 437_248          # masked params p
+    assert prototypes.unique_value_count(shapes, "mp") == 65_536
+    for r, count in RP_COUNTS.items():
+        assert prototypes.unique_value_count(shapes, "rp", r) == count, r
+    # one-layer: patch embed + one depthwise + one pointwise + head
+    assert prototypes.unique_value_count(shapes, "one_layer") == 3 * 4 * 256 + 25 * 256 + 256 ** 2 + 2560
+    report = prototypes.model_storage(model, "rp", 1e-5)
+    assert report["mask_bits"] / 8 / 1024 == pytest.approx(53.4, abs=0.05)   # 53.4 KB of 1-bit masks
+    assert report["masked_params"] * 4 / 1024 == pytest.approx(1708, abs=0.5)  # vs 1,708 KB dense
+    assert report["other_params"] == 2 * 256 * 13                             # BatchNorm affine: stem + 2 per block
+    assert report["total_bits"] == 32 * 1 + 437_248 + 32 * report["other_params"]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights():
+    model = zoo.create_model("pemn_convmixer_32_4", num_classes=10)
+    return {name: l.kernel[...] for name, l in masked.masked_layers(model).items()}
+
+
+def _torch_flat(w):
+    return np.asarray(jnp.transpose(w, (3, 2, 0, 1)) if w.ndim == 4 else w.T).ravel()
+
+
+def test_strategies_share_values_as_the_reference(tiny_weights):
+    w = tiny_weights
+    shapes = {k: v.shape for k, v in w.items()}
+    largest = max(w, key=lambda k: w[k].size)
+    v = _torch_flat(w[largest])
+    for strategy in ("one_layer", "mp"):
+        out = prototypes.apply_strategy(w, strategy)
+        values = np.unique(np.concatenate([np.asarray(x).ravel() for x in out.values()]))
+        assert values.size == prototypes.unique_value_count(shapes, strategy)
+    one = prototypes.one_layer(w)
+    np.testing.assert_array_equal(one["blocks/3/pw"], w["blocks/0/pw"])      # the first of each shape
+    np.testing.assert_array_equal(one["head"], w["head"])                    # linears are not cloned
+    mp = prototypes.max_layer_padding(w)
+    np.testing.assert_array_equal(_torch_flat(mp["stem"]), v[: w["stem"].size])   # w_l <- w_max[:d_l], torch order
+    for r in (1e-1, 1e-2, 1e-3):
+        rp = prototypes.random_vector_padding(w, r, "copy")
+        length = prototypes.rp_length(v.size, r)
+        flat = _torch_flat(rp[largest])
+        np.testing.assert_array_equal(flat, np.resize(v[:length], v.size))  # periodic with period L
+        np.testing.assert_array_equal(_torch_flat(rp["blocks/1/dw"]), flat[: w["blocks/1/dw"].size])
+        rand = prototypes.random_vector_padding(w, r, "rand", key=jax.random.key(0))
+        np.testing.assert_array_equal(np.sort(_torch_flat(rand[largest])), np.sort(flat))   # same multiset
+        assert not np.array_equal(_torch_flat(rand[largest]), flat)
+    with pytest.raises(ValueError, match="needs a key"):
+        prototypes.random_vector_padding(w, 0.1, "rand")
+    with pytest.raises(ValueError, match="unknown weight strategy"):
+        prototypes.apply_strategy(w, "clone")
+
+
+@pytest.mark.parametrize("strategy,ratio", [("iid", 1.0), ("one_layer", 1.0), ("mp", 1.0), ("rp", 1e-2), ("rp", 1e-5)])
+def test_models_hold_the_counted_unique_values(strategy, ratio):
+    model = zoo.create_model("pemn_convmixer_32_4", num_classes=10, weight_strategy=strategy, rp_ratio=ratio)
+    expected = prototypes.model_storage(model, strategy, ratio)["unique_values"]
+    if expected > 2000:   # float32 normal draws collide now and then (about 2 in 8000 here)
+        assert expected * 0.999 <= prototypes.count_unique(model) <= expected
+    else:
+        assert prototypes.count_unique(model) == expected
+
+
+def test_frozen_weights_regenerate_from_seed_and_strategy_only():
+    kw = dict(num_classes=10, weight_strategy="rp", rp_ratio=1e-2, weight_seed=7)
+    a = zoo.create_model("pemn_convmixer_32_4", rngs=0, **kw)
+    with jax.threefry_partitionable(True):   # the caller's PRNG mode and score seed do not matter
+        b = ConvMixer(32, 4, rngs=nnx.Rngs(5), **kw)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(a, masked.FrozenWeight), nnx.state(b, masked.FrozenWeight))
+    assert not np.array_equal(a.stem.scores[...], b.stem.scores[...])
+    source = a.stem.kernel.get_metadata()["source"]
+    assert (source.seed, source.strategy, source.ratio, source.rng_impl) == (7, "rp", 1e-2, "threefry2x32")
+    c = zoo.create_model("pemn_convmixer_32_4", rngs=0, **{**kw, "weight_seed": 8})
+    assert not np.array_equal(a.stem.kernel[...], c.stem.kernel[...])
+
+
+def test_models_train_only_scores_and_norms_and_reject_bad_input():
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    model = zoo.create_model("pemn_convmixer_32_4", num_classes=10, weight_strategy="mp")
+    assert model(x).shape == (2, 10)
+    names = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert names == {"scores", "scale", "bias"}
+    # 9 masked layers' scores (stem 3*4*32, 4 x (dw 25*32 + pw 32*32), head 32*10) + 9 BatchNorms
+    assert zoo.count_params(model) == 384 + 4 * (800 + 1024) + 320 + 9 * 2 * 32
+    dense = zoo.create_model("pemn_convmixer_32_4", num_classes=10, masked=False)
+    assert dense(x).shape == (2, 10) and not masked.masked_layers(dense)
+    assert len(model.forward_intermediates(x)) == 5
+    vit = zoo.create_model("pemn_vit_64_4", num_classes=10, img_size=16, weight_strategy="rp", rp_ratio=1e-3)
+    assert vit(x).shape == (2, 10)
+    assert prototypes.model_storage(vit, "rp", 1e-3)["unique_values"] == int(64 * 192 * 1e-3) + 1
+    with pytest.raises(ValueError, match="NHWC"):
+        model(jnp.ones((2, 16, 16, 1)))
+    with pytest.raises(ValueError, match="built for 16x16"):
+        vit(jnp.ones((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="needs masked=True"):
+        zoo.create_model("pemn_convmixer_32_4", num_classes=10, masked=False, weight_strategy="rp", abstract=True)
+    with pytest.raises(ValueError, match="unknown weight strategy"):
+        zoo.create_model("pemn_convmixer_32_4", num_classes=10, weight_strategy="clone", abstract=True)
+
+
+def test_digits_config():
+    from configs.pemn import digits
+    c = digits.get_config("strategy=rp,ratio=1e-4,tiling=rand,seed=2")
+    assert c.model.name == "pemn_convmixer_64_4"
+    assert dict(c.model.kwargs) == dict(masked=True, weight_seed=2, keep=0.5, weight_strategy="rp", rp_ratio=1e-4,
+                                        rp_tiling="rand")
+    assert dict(digits.get_config("strategy=dense").model.kwargs) == dict(masked=False, weight_seed=0)
+    assert digits.get_config("strategy=mask").model.kwargs.weight_strategy == "iid"
+    assert digits.get_config("model=vit,image_size=16").model.kwargs.img_size == 16
+    with pytest.raises(ValueError, match="unknown strategy"):
+        digits.get_config("strategy=clone")
