@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.init_from = ml_collections.config_dict.placeholder(str)
+    c.init_from_ema = False                   # take a PyTorch training checkpoint's state_dict_ema
     c.eval_only = False
     c.compute_dtype = "float32"               # "bfloat16": mixed precision (params, norms, losses stay float32)
     c.conv_impl = "auto"                      # "auto" | "xla" | "fast": see lib.layers.conv.set_conv_impl

@@ -131,3 +131,30 @@ def compute_teacher_logits(model: nnx.Module, input_cfg, *, batch_size: int = 25
         logits = np.asarray(forward(state, batch["image"]), np.float32)
         rows.append(logits[batch["mask"] > 0])  # drop the eval padding at the end
     return np.concatenate(rows)
+
+
+def main(argv=None):
+    """``python -m lib.train.distill --teacher NAME --weights PATH --config CFG --out logits.npy``:
+    precompute a teacher's logits over the training split of a config's input (eval transform)."""
+    import argparse
+    import importlib.util
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--teacher", required=True, help="zoo model name")
+    parser.add_argument("--weights", required=True, help="official .pth or a zoo.save_weights directory")
+    parser.add_argument("--config", required=True, help="config file (its input section), e.g. configs/x.py:arg")
+    parser.add_argument("--out", required=True, help="where to write the [N, num_classes] float32 .npy")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    path, _, arg = args.config.partition(":")  # the same ``file.py:arg`` form as --config in training
+    spec = importlib.util.spec_from_file_location("teacher_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    model = load_teacher(args.teacher, args.weights, num_classes=config.num_classes)
+    logits = compute_teacher_logits(model, config.input, batch_size=args.batch_size)
+    np.save(args.out, logits)
+    print(f"wrote {logits.shape} teacher logits to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

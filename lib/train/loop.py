@@ -93,15 +93,16 @@ def _provenance() -> dict[str, Any]:
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def _init_from(model, path: str, num_classes: int):
-    """Fine-tuning start: official PyTorch weights or our own weights directory; a classifier of
-    another size is re-initialised (and that is logged)."""
+def _init_from(model, path: str, num_classes: int, use_ema: bool = False):
+    """Fine-tuning start: official PyTorch weights (``use_ema``: a training checkpoint's
+    ``state_dict_ema``) or our own weights directory; a classifier of another size is
+    re-initialised (and that is logged)."""
     path = Path(path)
     if path.is_dir():
         zoo.load_weights(model, path)
         _print(f"init_from: loaded {path}")
         return
-    report = zoo.load_torch_weights(model, path, strict=False)
+    report = zoo.load_torch_weights(model, path, strict=False, use_ema=use_ema)
     head_only = all(k.startswith("head") for k in report.missing) and all(
         m.startswith("head") for m in report.mismatched) and not report.unexpected
     if not report.ok and not head_only:
@@ -193,7 +194,7 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     model = zoo.create_model(config.model.name, num_classes=config.num_classes, rngs=config.seed, mesh=mesh,
                              sharding_rules=rules, **model_kwargs)
     if config.get("init_from"):
-        _init_from(model, config.init_from, config.num_classes)
+        _init_from(model, config.init_from, config.num_classes, use_ema=config.get("init_from_ema", False))
     if config.get("bn_stats", "global") == "per_shard":  # per-device statistics, as PyTorch DDP
         groups = mesh.shape.get("data", 1)
         for _, module in nnx.iter_graph(model):

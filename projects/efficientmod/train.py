@@ -3,10 +3,8 @@
 Examples:
     python -m projects.efficientmod.train --config configs/efficientmod/digits.py --workdir /tmp/effmod_digits
     python -m projects.efficientmod.train --config configs/efficientmod/imagenet.py:variant=s --workdir DIR
-    python -m projects.efficientmod.convert efficientMod_s.pth.tar weights/efficientmod_s_ema \\
-        --model efficientmod_s --ema     # official EMA weights -> our format, once
     python -m projects.efficientmod.train --config configs/efficientmod/imagenet.py:variant=s --workdir DIR \\
-        --config.init_from=weights/efficientmod_s_ema --config.eval_only=True
+        --config.init_from=efficientMod_s.pth.tar --config.init_from_ema=True --config.eval_only=True
 """
 from lib.train import cli
 
