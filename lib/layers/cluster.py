@@ -18,6 +18,9 @@ Reproduces ``Cluster`` of ma-xu/Context-Cluster ``models/context_cluster.py`` ex
 
 The aggregation is one ``[B', M, N] x [B', N, D]`` matmul and the dispatch a gather: no
 ``[B', M, N, D]`` tensor is ever formed (upstream broadcasts one).
+On XLA:CPU (``lib.layers.conv.set_conv_impl``: "auto" on CPU, or "fast") float32 mixers run an
+equivalent form without the fold transposes, batched tiny matmuls or the full-width v(x) and
+dispatched maps (``Cluster._call_fast``; equal to float32 round-off, ``tests/test_coc.py``).
 
 ``normalize="point_count"`` replaces ``sum_n sim`` by the number of assigned points: the code
 before upstream commit 3ccb0b6 (2023-05-31) did that (``mask.sum``), and the checkpoints released
@@ -34,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from lib import sharding
+from lib.layers.conv import use_fast_path
 from lib.layers.linear import Linear
 
 NORMALIZE_MODES = ("sim_sum", "point_count")
@@ -91,6 +95,17 @@ def adaptive_avg_pool(x: jax.Array, output_size) -> jax.Array:
     sums = jnp.einsum("ph,bhwc,qw->bpqc", rows.astype(acc), x.astype(acc), cols.astype(acc), precision=_HIGHEST)
     counts = rows.sum(1)[:, None] * cols.sum(1)[None, :]
     return (sums / counts[None, :, :, None]).astype(x.dtype)
+
+
+def _pool_sums(x: jax.Array, axis: int, bins: int) -> jax.Array:
+    """Sums of ``x`` over the adaptive bins of one axis (static slices), stacked in that axis."""
+    parts = [jnp.sum(jax.lax.slice_in_dim(x, start, end, axis=axis), axis=axis, keepdims=True)
+             for start, end in adaptive_bins(x.shape[axis], bins)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def _bin_counts(size: int, bins: int) -> np.ndarray:
+    return np.array([end - start for start, end in adaptive_bins(size, bins)], np.float64)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -154,16 +169,17 @@ class Cluster(nnx.Module):
         return y.reshape(b, height, width, e * d)
 
     # --- the clustering -----------------------------------------------------------------------------
-    def similarity(self, feat: jax.Array) -> jax.Array:
+    def similarity(self, feat: jax.Array, alpha: jax.Array | None = None, beta: jax.Array | None = None) -> jax.Array:
         """``sigmoid(beta + alpha * cos(centers, points))`` of split maps ``[B', h, w, D]``:
-        ``[B', M, N]`` float32 (float64 for float64 input), centers and points in row-major order."""
+        ``[B', M, N]`` float32 (float64 for float64 input), centers and points in row-major order.
+        ``alpha`` / ``beta`` default to the module's."""
         feat = feat.astype(_at_least_f32(feat.dtype))
         n_regions, d = feat.shape[0], feat.shape[-1]
         centers = adaptive_avg_pool(feat, self.proposal).reshape(n_regions, -1, d)
         points = feat.reshape(n_regions, -1, d)
         cos = jnp.einsum("bmd,bnd->bmn", _l2_normalize(centers), _l2_normalize(points), precision=_HIGHEST)
-        alpha = self.sim_alpha[...].astype(feat.dtype)
-        beta = self.sim_beta[...].astype(feat.dtype)
+        alpha = (self.sim_alpha[...] if alpha is None else alpha).astype(feat.dtype)
+        beta = (self.sim_beta[...] if beta is None else beta).astype(feat.dtype)
         return jax.nn.sigmoid(beta + alpha * cos)
 
     @staticmethod
@@ -177,11 +193,22 @@ class Cluster(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"Cluster expects NHWC [batch, height, width, channels], got shape {tuple(x.shape)}")
+        if self._fast_path_applies(x):
+            return self._fast_forward_reference_gradient(x)
+        return self._reference(x)
+
+    def _reference(self, x: jax.Array, arrays: dict | None = None) -> jax.Array:
+        """The mixer as documented; ``arrays`` (see ``_arrays``) replaces the module's parameters
+        (float32/64 linears only: the plain ``x @ W + b`` that ``Linear`` computes for them)."""
         height, width = x.shape[1:3]
-        value = self._split(self.v(x))
-        feat = self._split(self.f(x))
+        if arrays is None:
+            value, feat, alpha, beta = self.v(x), self.f(x), None, None
+        else:
+            value, feat = x @ arrays["wv"] + arrays["bv"], x @ arrays["wf"] + arrays["bf"]
+            alpha, beta = arrays["alpha"], arrays["beta"]
+        value, feat = self._split(value), self._split(feat)
         n_regions, d = value.shape[0], value.shape[-1]
-        idx, kept = self.assign(self.similarity(feat))               # [B', N] each, float32 sims
+        idx, kept = self.assign(self.similarity(feat, alpha, beta))  # [B', N] each, float32 sims
         m = self.proposal[0] * self.proposal[1]
         onehot = jax.nn.one_hot(idx, m, axis=1, dtype=kept.dtype)    # [B', M, N]
         sim = onehot * kept[:, None, :]                              # the kept similarities only
@@ -196,8 +223,99 @@ class Cluster(nnx.Module):
 
         # Dispatch: out_n = sim_n * out_c[assigned center] (a gather; the other centers add zeros).
         out = jnp.take_along_axis(centers_out, idx[..., None], axis=1) * kept[..., None]
-        out = out.astype(value.dtype).reshape(value.shape)
-        return self.proj(self._merge(out, height, width))
+        out = self._merge(out.astype(value.dtype).reshape(value.shape), height, width)
+        return self.proj(out) if arrays is None else out @ arrays["wp"] + arrays["bp"]
+
+    def _fast_path_applies(self, x: jax.Array) -> bool:
+        """The XLA:CPU form below: on the fast path, for float32 (or float64) linears."""
+        if not use_fast_path():
+            return False
+        dtypes = [self.dtype or jnp.result_type(x.dtype, layer.kernel.dtype) for layer in (self.f, self.v, self.proj)]
+        return all(jnp.dtype(dt) == _at_least_f32(dt) for dt in dtypes) and self.v.bias is not None \
+            and self.f.bias is not None and self.proj.bias is not None
+
+    def _arrays(self, dtype) -> dict:
+        """The parameters as plain arrays in ``dtype`` (the fast path's float32/64)."""
+        arrays = dict(wf=self.f.kernel, bf=self.f.bias, wv=self.v.kernel, bv=self.v.bias, wp=self.proj.kernel,
+                      bp=self.proj.bias, alpha=self.sim_alpha, beta=self.sim_beta)
+        return {name: var[...].astype(dtype) for name, var in arrays.items()}
+
+    def _fast_forward_reference_gradient(self, x: jax.Array) -> jax.Array:
+        """``_call_fast`` for evaluation; under differentiation the reference form, forward and
+        backward: XLA:CPU fuses the backward of the fast form poorly (it stores broadcasts such as
+        ``[B, fr, h', fc, w', E, M, C]``) and it measured slower than the reference backward."""
+        dtype = self.dtype or jnp.result_type(x.dtype, self.f.kernel.dtype)
+        arrays, x = self._arrays(dtype), x.astype(dtype)
+
+        @jax.custom_vjp
+        def mixer(arrays, x):
+            return self._call_fast(x, arrays)
+
+        def forward(arrays, x):
+            return jax.vjp(lambda a, y: self._reference(y, a), arrays, x)
+
+        mixer.defvjp(forward, lambda vjp, g: vjp(g))
+        return mixer(arrays, x)
+
+    def _call_fast(self, x: jax.Array, arrays: dict) -> jax.Array:
+        """``__call__`` for XLA:CPU (float32/64 linears), the same results to float32 round-off.
+
+        On XLA:CPU the reference form is bound by the ``[B, H, W, E*D]`` maps it writes (f(x),
+        v(x), the fold transposes, the gathered output: each a full pass over memory) and by the
+        batched tiny matmuls. Here the maps stay in place as ``[B, fr, h', fc, w', E, D]`` (a
+        reshape, no transpose), and the affine ``v`` and ``proj`` are moved past the sums over
+        points, so that only f(x) is ever written at full width:
+
+        * centers: ``pool(f(x)) = f(pool(x))`` and ``pool(v(x)) = v(pool(x))``, pooled by static
+          slices and sums;
+        * aggregation: ``sum_n sim_n v(x_n) = (sum_n sim_n x_n) W_v + (sum_n sim_n) b_v``;
+        * dispatch and ``proj``: ``proj(sum_m sim_m out_m) = sum_(e, m) sim_(e, m) (out_(e, m) P_e) + b_p``
+          (the sum over M has one non-zero term per head: the assigned center).
+
+        Each contraction over points is a broadcast multiply and reduction that XLA fuses; the
+        per-region ``[M, D] x [D, C]`` products are small matmuls. Differentiated, the reference
+        form runs instead (``_fast_forward_reference_gradient``).
+        """
+        b, height, width, cin = x.shape
+        e, (p, q) = self.heads, self.proposal
+        fr, fc = self._folds(height, width)
+        hr, wr, m = height // fr, width // fc, p * q
+        acc, params = x.dtype, arrays                                # float32 (or 64) throughout
+        d = params["wf"].shape[1] // e
+        xr = x.astype(acc).reshape(b, fr, hr, fc, wr, cin)
+
+        # Centers [b, fr, fc, E, M, D] from the pooled input (bins as in adaptive_avg_pool).
+        counts = (_bin_counts(hr, p)[:, None] * _bin_counts(wr, q)[None, :]).reshape(p, 1, q, 1)
+        pooled = _pool_sums(_pool_sums(xr, 2, p), 4, q) / counts.astype(acc)        # [b, fr, p, fc, q, C]
+
+        def center_layout(y):                                        # [b, fr, p, fc, q, E*D] ->
+            y = y.reshape(b, fr, p, fc, q, e, d).transpose(0, 1, 3, 5, 2, 4, 6)
+            return y.reshape(b, fr, fc, e, m, d)
+
+        feat_centers = center_layout(pooled @ params["wf"] + params["bf"])
+        value_centers = center_layout(pooled @ params["wv"] + params["bv"])
+
+        # Similarity [b, fr, h', fc, w', E, M]; the kept (first-max) similarity, zeros elsewhere.
+        feat = (jnp.matmul(x.astype(acc), params["wf"]) + params["bf"]).reshape(b, fr, hr, fc, wr, e, d)
+        cu = _l2_normalize(feat_centers)[:, :, None, :, None]               # [b, fr, 1, fc, 1, E, M, D]
+        cos = jnp.sum(cu * _l2_normalize(feat)[..., None, :], axis=-1)
+        sim = jax.nn.sigmoid(params["beta"] + params["alpha"] * cos)
+        onehot = jnp.argmax(sim, axis=-1)[..., None] == jnp.arange(m)
+        sim = jnp.where(onehot, sim, 0.0)
+
+        # Aggregate: (value_center + sum_n sim v(x_n)) / (1 + sum_n weight), per region and head.
+        sx = jnp.sum(sim[..., None] * xr[..., None, None, :], axis=(2, 4))   # [b, fr, fc, E, M, C]
+        sim_sum = jnp.sum(sim, axis=(2, 4))                                  # [b, fr, fc, E, M]
+        weight_sum = sim_sum if self.normalize == "sim_sum" else jnp.sum(onehot, axis=(2, 4)).astype(acc)
+        agg = jnp.einsum("bijemc,ced->bijemd", sx, params["wv"].reshape(cin, e, d), precision=_HIGHEST)
+        agg = agg + sim_sum[..., None] * params["bv"].reshape(e, 1, d)
+        centers_out = (agg + value_centers) / (weight_sum[..., None] + 1.0)  # [b, fr, fc, E, M, D]
+
+        # Dispatch + proj: out_n = sum_(e, m) sim_n(e, m) (centers_out(e, m) P_e) + b_p.
+        projected = jnp.einsum("bijemd,edo->bijemo", centers_out, params["wp"].reshape(e, d, -1),
+                               precision=_HIGHEST).reshape(b, fr, 1, fc, 1, e * m, -1)
+        out = jnp.sum(sim.reshape(b, fr, hr, fc, wr, e * m, 1) * projected, axis=-2) + params["bp"]
+        return out.reshape(b, height, width, -1)
 
     def assignments(self, x: jax.Array) -> dict[str, jax.Array]:
         """What the clustering does to ``x`` (this mixer's input, NHWC), for visualisation.

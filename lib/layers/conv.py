@@ -32,7 +32,8 @@ _conv_impl = "auto"
 def set_conv_impl(impl: str) -> None:
     """Choose how convolutions are computed: ``"xla"`` (always ``lax.conv_general_dilated``),
     ``"fast"`` (the shifted multiply-add / im2col / matmul forms below) or ``"auto"`` (fast forms
-    where they measured faster: XLA:CPU; plain XLA convolutions on GPU and TPU).
+    where they measured faster: XLA:CPU; plain XLA convolutions on GPU and TPU). The same switch
+    selects the XLA:CPU form of the Context Clusters mixer (``lib/layers/cluster.py``).
 
     Read when a function is traced: set it before jitting (configs: ``conv_impl``).
     """
