@@ -234,7 +234,8 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     train_step = step_lib.make_train_step(graphdef, tx, step_cfg, base_key=base_key,
                                           state_shardings=state_shardings, batch_shardings=batch_shardings,
                                           teacher=teacher)
-    eval_step = step_lib.make_eval_step(graphdef, state_shardings=state_shardings, batch_shardings=batch_shardings)
+    eval_batch_shardings = {k: batch_shardings[k] for k in ("image", "label", "mask")}
+    eval_step = step_lib.make_eval_step(graphdef, state_shardings=state_shardings, batch_shardings=eval_batch_shardings)
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.get("keep_checkpoints", 3))
     train_iter = iter(train_data)
