@@ -1,6 +1,11 @@
 """Masked layers (lib/layers/masked.py): exact top-k counts, the straight-through gradient, dense
 equivalence at keep=1, mask_model / bake on an existing model, and frozen weights kept out of the
-optimizer and (when regenerable) out of checkpoints."""
+optimizer and (when regenerable) out of checkpoints.
+
+These tests are bound by XLA:CPU compilation, so they keep it small: tiny shapes, shared where they
+can be (each new shape of a random draw or a mask is one more program), random draws with the
+non-partitionable threefry (as ``zoo.create_model``: it compiles ~3x faster), whole forward and
+backward passes jitted once instead of run op by op, and structural checks on abstract modules."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,22 +13,57 @@ import optax
 import pytest
 from flax import nnx
 
-from lib import zoo
-from lib.layers import masked, prototypes
-from lib.layers.conv import Conv
+from lib.layers import masked
+from lib.layers.conv import Conv, conv2d
 from lib.layers.linear import Linear
 from lib.train import checkpoint, step as step_lib
+from projects.pemn.models import ConvMixer
+from projects.starnet.models import StarNet
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0}   # for the test-only jitted passes
+
+
+@pytest.fixture(autouse=True)
+def _non_partitionable_draws():
+    with jax.threefry_partitionable(False):
+        yield
+
+
+def _normal(seed, shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _numpy_filled(make, seed=0):
+    """``make()`` built abstractly, its parameters (and positive BatchNorm statistics) then drawn by
+    numpy: a concrete module without a random-number program compiled per shape."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+
+    def fill(v):
+        value = 0.3 * rng.standard_normal(v.shape) if isinstance(v, nnx.Param) else rng.uniform(0.5, 1.5, v.shape)
+        return v.replace(jnp.asarray(value, v.dtype))
+    return nnx.merge(graphdef, jax.tree.map(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+@jax.jit(static_argnums=0, compiler_options=FAST_COMPILE)
+def _apply_split(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)
+
+
+def _apply(model, x):
+    """``model(x)`` as one compiled program (cached per model structure)."""
+    graphdef, state = nnx.split(model)
+    return _apply_split(graphdef, state, x)
 
 
 @pytest.mark.parametrize("n,keep", [(10, 0.7), (1000, 0.5), (37, 0.9), (64, 0.01), (5, 1.0), (100, 0.3)])
 def test_kept_count_is_exact(n, keep):
-    s = jax.random.normal(jax.random.key(n), (n,))
-    m = masked.topk_mask(s, keep)
-    assert set(np.unique(np.asarray(m)).tolist()) <= {0.0, 1.0}
+    s = _normal(n, (n,))
+    m = np.asarray(masked.topk_mask(s, keep))
+    assert set(np.unique(m).tolist()) <= {0.0, 1.0}
     assert int(m.sum()) == n - int((1 - keep) * n) == masked.kept_count(n, keep)
     # the kept entries are the largest |s|
-    kept = np.abs(np.asarray(s))[np.asarray(m) == 1]
-    dropped = np.abs(np.asarray(s))[np.asarray(m) == 0]
+    kept, dropped = np.abs(s)[m == 1], np.abs(s)[m == 0]
     assert dropped.size == 0 or kept.min() >= dropped.max()
 
 
@@ -36,92 +76,96 @@ def test_keep_fraction_matches_reference_rounding():
 
 
 def test_mask_is_invariant_to_score_scaling():
-    s = jax.random.normal(jax.random.key(0), (8, 16))
+    s = _normal(0, (8, 16))
     m = masked.topk_mask(s, 0.4)
     for c in (1e-4, 3.7, 1e3, -2.0):                # |.| makes the sign irrelevant too
-        np.testing.assert_array_equal(masked.topk_mask(c * s, 0.4), m)
+        np.testing.assert_array_equal(masked.topk_mask(np.float32(c) * s, 0.4), m)
 
 
 def _grad_pair(layer, x):
-    """(dL/dscores, sign(s) * W * dL/dW_eff) for L = sum(sin(layer(x)))."""
+    """(dL/dscores, dL/dW_eff, mask) for L = sum(sin(layer(x))), dL/dW_eff taken on the same network
+    computed with W_eff as the free variable. One compiled program per layer."""
     graphdef, scores, rest = nnx.split(layer, nnx.Param, ...)
 
-    def loss(p):
-        return jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)))
+    @jax.jit(compiler_options=FAST_COMPILE)
+    def pair(scores, rest, x):
+        def loss(p):
+            return jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)))
 
-    g_scores = jax.grad(loss)(scores)["scores"][...]
-    w_eff = layer.effective_kernel()
+        def loss_of_weff(w):
+            if isinstance(layer, masked.MaskedLinear):
+                return jnp.sum(jnp.sin(x @ w))
+            return jnp.sum(jnp.sin(conv2d(x, w, layer.stride, layer.padding, layer.groups)))
 
-    def loss_of_weff(w):   # the same network computed with W_eff as the free variable
-        if isinstance(layer, masked.MaskedLinear):
-            return jnp.sum(jnp.sin(x @ w))
-        from lib.layers.conv import conv2d
-        return jnp.sum(jnp.sin(conv2d(x, w, layer.stride, layer.padding, layer.groups)))
-
-    g_weff = jax.grad(loss_of_weff)(w_eff)
-    return g_scores, g_weff
+        twin = nnx.merge(graphdef, scores, rest)
+        return jax.grad(loss)(scores)["scores"][...], jax.grad(loss_of_weff)(twin.effective_kernel()), twin.mask()
+    return pair(scores, rest, x)
 
 
+# Shapes shared by the layer tests below: Linear 4->5, Conv 4->6 3x3, depthwise 4 5x5.
 def test_scores_gradient_is_sign_times_weight_times_weff_gradient():
     """GetSubnet's STE passes dL/dmask straight to |scores|; abs sits outside it, so
     dL/dscores = sign(s) * W * dL/dW_eff (topk) and W * dL/dW_eff (threshold on raw scores)."""
     rngs = nnx.Rngs(0)
-    x = jax.random.normal(jax.random.key(1), (3, 6))
-    lin = masked.MaskedLinear(6, 5, keep=0.5, rngs=rngs)
-    g, gw = _grad_pair(lin, x)
+    x = _normal(1, (3, 4))
+    lin = masked.MaskedLinear(4, 5, keep=0.5, rngs=rngs)
+    g, gw, mask = _grad_pair(lin, x)
     s, w = lin.scores[...], lin.kernel[...]
     np.testing.assert_allclose(g, jnp.sign(s) * w * gw, rtol=1e-6, atol=1e-7)
     assert float(jnp.abs(g).sum()) > 0
     # dropped weights get a gradient too (that is what lets a mask change)
-    mask = np.asarray(lin.mask())
-    assert np.abs(np.asarray(g))[mask == 0].sum() > 0
+    mask = np.asarray(mask)
+    assert 0 < mask.sum() < mask.size and np.abs(np.asarray(g))[mask == 0].sum() > 0
 
-    thr = masked.MaskedLinear(6, 5, mode="threshold", threshold=0.05, rngs=rngs)
-    g, gw = _grad_pair(thr, x)
+    thr = masked.MaskedLinear(4, 5, mode="threshold", threshold=0.05, rngs=rngs)
+    g, gw, _ = _grad_pair(thr, x)
     np.testing.assert_allclose(g, thr.kernel[...] * gw, rtol=1e-6, atol=1e-7)
 
-    xc = jax.random.normal(jax.random.key(2), (2, 7, 7, 4))
+    xc = _normal(2, (2, 7, 7, 4))
     for conv in (masked.MaskedConv(4, 6, 3, padding=1, keep=0.3, rngs=rngs),
                  masked.masked_depthwise_conv(4, 5, keep=0.6, rngs=rngs)):
-        g, gw = _grad_pair(conv, xc)
+        g, gw, _ = _grad_pair(conv, xc)
         np.testing.assert_allclose(g, jnp.sign(conv.scores[...]) * conv.kernel[...] * gw, rtol=1e-5, atol=1e-6)
 
 
 def test_threshold_mode_and_global_threshold():
     rngs = nnx.Rngs(0)
-    layers = [masked.MaskedLinear(8, 8, mode="threshold", rngs=rngs), masked.MaskedLinear(8, 4, mode="threshold",
-                                                                                          rngs=rngs)]
+    layers = [masked.MaskedLinear(4, 5, mode="threshold", rngs=rngs),
+              masked.MaskedConv(4, 6, 3, mode="threshold", rngs=rngs)]
     tau = masked.threshold_for_keep([l.scores[...] for l in layers], 0.25)
     for l in layers:
         l.threshold = float(tau)
-    kept = sum(int(l.mask().sum()) for l in layers)
-    assert kept == masked.kept_count(96, 0.25)
-    np.testing.assert_array_equal(layers[0].mask(), (layers[0].scores[...] >= tau).astype(jnp.float32))
+    kept = [int(l.mask().sum()) for l in layers]
+    assert sum(kept) == masked.kept_count(20 + 216, 0.25) == 59
+    assert kept[0] != masked.kept_count(20, 0.25)          # a global threshold, not a per-layer top-k
+    for l in layers:
+        np.testing.assert_array_equal(l.mask(), (l.scores[...] >= tau).astype(jnp.float32))
     with pytest.raises(ValueError, match="unknown mask mode"):
         masked.MaskedLinear(2, 2, mode="bernoulli", rngs=rngs)
 
 
 def test_keep_one_reproduces_the_dense_layers():
-    rngs = nnx.Rngs(0)
-    x = jax.random.normal(jax.random.key(3), (2, 9, 9, 6))
-    for dense in (Conv(6, 8, 3, stride=2, padding=1, use_bias=False, rngs=rngs),
-                  Conv(6, 6, 5, padding=2, groups=6, use_bias=True, rngs=rngs),
-                  Conv(6, 8, 1, rngs=rngs)):
-        m = masked.MaskedConv(6, dense.out_channels, dense.kernel_size, stride=dense.stride,
+    x = _normal(3, (2, 9, 9, 4))
+    for i, make in enumerate((lambda: Conv(4, 6, 3, stride=2, padding=1, use_bias=False, rngs=nnx.Rngs(0)),
+                              lambda: Conv(4, 4, 5, padding=2, groups=4, use_bias=True, rngs=nnx.Rngs(0)),
+                              lambda: Conv(4, 6, 1, rngs=nnx.Rngs(0)))):
+        dense = _numpy_filled(make, i)
+        m = masked.MaskedConv(4, dense.out_channels, dense.kernel_size, stride=dense.stride,
                               padding=dense.padding[0][0], groups=dense.groups, keep=1.0, kernel=dense.kernel[...],
-                              bias=None if dense.bias is None else dense.bias[...], rngs=rngs)
-        np.testing.assert_array_equal(m(x), dense(x))
-    lin = Linear(6, 3, rngs=rngs)
-    m = masked.MaskedLinear(6, 3, keep=1.0, kernel=lin.kernel[...], bias=lin.bias[...], rngs=rngs)
-    np.testing.assert_array_equal(m(x), lin(x))
+                              bias=None if dense.bias is None else dense.bias[...], rngs=nnx.Rngs(0))
+        np.testing.assert_array_equal(_apply(m, x), _apply(dense, x))
+    lin = _numpy_filled(lambda: Linear(4, 5, rngs=nnx.Rngs(0)))
+    m = masked.MaskedLinear(4, 5, keep=1.0, kernel=lin.kernel[...], bias=lin.bias[...], rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(_apply(m, x), _apply(lin, x))
 
 
 def test_masked_layers_shard_like_their_dense_twins():
-    rngs = nnx.Rngs(0)
-    for dense, twin in ((Conv(4, 8, 3, rngs=rngs), masked.MaskedConv(4, 8, 3, rngs=rngs)),
-                        (Conv(4, 4, 3, groups=4, rngs=rngs), masked.MaskedConv(4, 4, 3, groups=4, rngs=rngs)),
-                        (Linear(4, 10, out_axis="classes", rngs=rngs),
-                         masked.MaskedLinear(4, 10, out_axis="classes", rngs=rngs))):
+    pairs = nnx.eval_shape(lambda: (
+        (Conv(4, 8, 3, rngs=nnx.Rngs(0)), masked.MaskedConv(4, 8, 3, rngs=nnx.Rngs(0))),
+        (Conv(4, 4, 3, groups=4, rngs=nnx.Rngs(0)), masked.MaskedConv(4, 4, 3, groups=4, rngs=nnx.Rngs(0))),
+        (Linear(4, 10, out_axis="classes", rngs=nnx.Rngs(0)),
+         masked.MaskedLinear(4, 10, out_axis="classes", rngs=nnx.Rngs(0)))))
+    for dense, twin in pairs:
         names = dense.kernel.get_metadata()["out_sharding"]
         assert twin.kernel.get_metadata()["out_sharding"] == names
         assert twin.scores.get_metadata()["out_sharding"] == names
@@ -129,47 +173,56 @@ def test_masked_layers_shard_like_their_dense_twins():
 
 
 def test_bad_inputs_raise():
-    rngs = nnx.Rngs(0)
+    # traced only (nnx.eval_shape): the checks run before any computation
     with pytest.raises(ValueError, match="NHWC"):
-        masked.MaskedConv(3, 4, 3, rngs=rngs)(jnp.ones((2, 8, 8, 4)))
+        nnx.eval_shape(lambda: masked.MaskedConv(3, 4, 3, rngs=nnx.Rngs(0))(jnp.ones((2, 8, 8, 4))))
     with pytest.raises(ValueError, match="input features"):
-        masked.MaskedLinear(3, 4, rngs=rngs)(jnp.ones((2, 5)))
+        nnx.eval_shape(lambda: masked.MaskedLinear(3, 4, rngs=nnx.Rngs(0))(jnp.ones((2, 5))))
     with pytest.raises(ValueError, match="kernel of shape"):
-        masked.MaskedLinear(3, 4, kernel=jnp.ones((4, 3)), rngs=rngs)
+        masked.MaskedLinear(3, 4, kernel=jnp.ones((4, 3)), rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
 def tiny_starnet():
-    return zoo.create_model("test_starnet_tiny", num_classes=5)
+    """A one-stage StarNet (every layer kind: strided, depthwise and fused 1x1 convs, BatchNorm, a
+    linear head) with few distinct shapes, in eval mode."""
+    model = _numpy_filled(lambda: StarNet(4, (1,), 1, num_classes=5, rngs=nnx.Rngs(0)))
+    model.eval()
+    return model
 
 
 def test_mask_model_and_bake_on_an_existing_model(tiny_starnet):
-    model = nnx.clone(tiny_starnet)
-    model.eval()
-    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
-    dense_out = model(x)
-    masked.mask_model(model, "stages/[12]/.*|head", keep=1.0, rngs=1)   # keep 1: nothing changes
-    np.testing.assert_allclose(model(x), dense_out, rtol=1e-6, atol=1e-6)
-    chosen = masked.masked_layers(model)
-    assert chosen and all(p.startswith(("stages/1", "stages/2", "head")) for p in chosen)
+    x = _normal(4, (2, 16, 16, 3))
+    dense_out = _apply(tiny_starnet, x)
+    # a filter picks layers by path
+    part = masked.mask_model(nnx.clone(tiny_starnet), "stages/0/blocks/.*|head", keep=1.0, rngs=1)
+    chosen = masked.masked_layers(part)
+    assert chosen and all(p.startswith(("stages/0/blocks", "head")) for p in chosen)
     assert "head/fc" in chosen and isinstance(chosen["head/fc"], masked.MaskedLinear)
+    assert "stages/0/blocks/0/dwconv/conv" in chosen and "stages/0/downsample/conv" not in chosen
     # frozen, stored weights (no regeneration recipe), trainable scores
     assert all(l.kernel.get_metadata()["source"] is None for l in chosen.values())
 
+    # every layer masked, keep 1: nothing changes (strides, padding, groups, biases carried over)
+    model = masked.mask_model(nnx.clone(tiny_starnet), ".*", keep=1.0, rngs=1)
+    assert len(masked.masked_layers(model)) == 8      # stem, downsample, 5 in the block, head
+    np.testing.assert_allclose(_apply(model, x), dense_out, rtol=1e-6, atol=1e-6)
+    # keep 0.7 does change the output, and bake reproduces it with ordinary layers
     model = masked.mask_model(nnx.clone(tiny_starnet), ".*", keep=0.7, rngs=1)
-    model.eval()
+    masked_out = _apply(model, x)
+    assert not np.allclose(masked_out, dense_out, atol=1e-3)
     baked = masked.bake(model)
     assert not masked.masked_layers(baked)
     assert not jax.tree.leaves(nnx.state(baked, masked.FrozenWeight))
-    np.testing.assert_allclose(baked(x), model(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_apply(baked, x), masked_out, rtol=1e-6, atol=1e-6)
     assert masked.masked_layers(model)                                 # the input model is unchanged
-    assert not np.allclose(model(x), dense_out, atol=1e-3)             # keep 0.7 did change the output
     with pytest.raises(ValueError, match="no Linear or Conv layer"):
         masked.mask_model(nnx.clone(tiny_starnet), "no_such_layer")
 
 
 def _tiny_pemn(**kw):
-    return zoo.create_model("pemn_convmixer_32_4", num_classes=10, rngs=0, **kw)
+    """The small PEMN ConvMixer of these tests (8x8 inputs; test_pemn.py uses the same shapes)."""
+    return ConvMixer(16, 2, kernel_size=3, patch_size=2, num_classes=10, rngs=nnx.Rngs(0), **kw)
 
 
 def test_frozen_weights_get_no_gradient_and_no_optimizer_state():
@@ -188,7 +241,7 @@ def test_frozen_weights_get_no_gradient_and_no_optimizer_state():
     shardings = step_lib.shardings_of(state)
     train = step_lib.make_train_step(graphdef, tx, step_lib.StepConfig(num_classes=10), base_key=jax.random.key(0),
                                      state_shardings=shardings, batch_shardings=None, donate=False)
-    batch = {"image": jax.random.normal(jax.random.key(5), (8, 8, 8, 3)), "label": jnp.arange(8) % 10}
+    batch = {"image": _normal(5, (8, 8, 8, 3)), "label": jnp.arange(8) % 10}
     new_state, metrics = train(state, batch)
     assert np.isfinite(float(metrics["loss"]))
     frozen_after = nnx.split_state(new_state["rest"], masked.FrozenWeight, ...)[0]
@@ -196,7 +249,7 @@ def test_frozen_weights_get_no_gradient_and_no_optimizer_state():
     assert not np.allclose(new_state["params"]["stem"]["scores"][...], state["params"]["stem"]["scores"][...])
 
 
-def test_checkpoints_leave_out_regenerable_weights_and_check_them(tmp_path):
+def test_checkpoints_leave_out_regenerable_weights_and_check_them(tmp_path, tiny_starnet):
     tx = step_lib.make_optimizer(optax.constant_schedule(1e-2))
     _, state = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=3), tx, ema=False)
     ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False)
@@ -220,7 +273,7 @@ def test_checkpoints_leave_out_regenerable_weights_and_check_them(tmp_path):
     ckpt.close()
 
     # frozen weights that cannot be regenerated (mask_model over trained weights) are stored
-    model = masked.mask_model(zoo.create_model("test_demonet_tiny", num_classes=3), "head", keep=0.9)
+    model = masked.mask_model(nnx.clone(tiny_starnet), "head", keep=0.9)
     _, state = step_lib.init_train_state(model, tx, ema=False)
     stored, regenerable = masked.split_regenerable(state)
     assert not regenerable

@@ -10,6 +10,23 @@ from lib import zoo
 from lib.layers import masked, prototypes
 from projects.pemn.models import ConvMixer
 
+# XLA:CPU compilation bounds these tests: the reference counts come from abstract models (shapes
+# only), the models that need values are one tiny ConvMixer (the shapes test_masked.py uses too),
+# drawn with the non-partitionable threefry (as zoo.create_model: it compiles ~3x faster).
+
+
+@pytest.fixture(autouse=True)
+def _non_partitionable_draws():
+    with jax.threefry_partitionable(False):
+        yield
+
+
+def _tiny(**kw):
+    """ConvMixer width 16, depth 2, kernel 3, patch 2: layers stem 2x2x3x16, dw 3x3x1x16 (twice),
+    pw 1x1x16x16 (twice, the largest), head 16x10."""
+    kw.setdefault("rngs", nnx.Rngs(0))
+    return ConvMixer(16, 2, kernel_size=3, patch_size=2, num_classes=10, **kw)
+
 # yueb17/PEMN, ConvMixer-256 depth 6, 10 classes, patch 2, kernel 5 (reference table, §1.2)
 RP_COUNTS = {1e-1: 6554, 1e-2: 656, 1e-3: 66, 1e-4: 7, 1e-5: 1}
 
@@ -37,7 +54,8 @@ def test_unique_value_counts_match_the_reference_table(convmixer_256_6_shapes):
 
 @pytest.fixture(scope="module")
 def tiny_weights():
-    model = zoo.create_model("pemn_convmixer_32_4", num_classes=10)
+    with jax.threefry_partitionable(False):
+        model = _tiny()
     return {name: l.kernel[...] for name, l in masked.masked_layers(model).items()}
 
 
@@ -55,11 +73,13 @@ def test_strategies_share_values_as_the_reference(tiny_weights):
         values = np.unique(np.concatenate([np.asarray(x).ravel() for x in out.values()]))
         assert values.size == prototypes.unique_value_count(shapes, strategy)
     one = prototypes.one_layer(w)
-    np.testing.assert_array_equal(one["blocks/3/pw"], w["blocks/0/pw"])      # the first of each shape
+    assert largest == "blocks/0/pw" and w["stem"].size < w[largest].size
+    np.testing.assert_array_equal(one["blocks/1/pw"], w["blocks/0/pw"])      # the first of each shape
+    assert not np.array_equal(one["blocks/1/pw"], w["blocks/1/pw"])
     np.testing.assert_array_equal(one["head"], w["head"])                    # linears are not cloned
     mp = prototypes.max_layer_padding(w)
     np.testing.assert_array_equal(_torch_flat(mp["stem"]), v[: w["stem"].size])   # w_l <- w_max[:d_l], torch order
-    for r in (1e-1, 1e-2, 1e-3):
+    for r in (1e-1, 1e-2):                                                    # periods 26 and 3
         rp = prototypes.random_vector_padding(w, r, "copy")
         length = prototypes.rp_length(v.size, r)
         flat = _torch_flat(rp[largest])
@@ -76,7 +96,7 @@ def test_strategies_share_values_as_the_reference(tiny_weights):
 
 @pytest.mark.parametrize("strategy,ratio", [("iid", 1.0), ("one_layer", 1.0), ("mp", 1.0), ("rp", 1e-2), ("rp", 1e-5)])
 def test_models_hold_the_counted_unique_values(strategy, ratio):
-    model = zoo.create_model("pemn_convmixer_32_4", num_classes=10, weight_strategy=strategy, rp_ratio=ratio)
+    model = _tiny(weight_strategy=strategy, rp_ratio=ratio)
     expected = prototypes.model_storage(model, strategy, ratio)["unique_values"]
     if expected > 2000:   # float32 normal draws collide now and then (about 2 in 8000 here)
         assert expected * 0.999 <= prototypes.count_unique(model) <= expected
@@ -85,36 +105,39 @@ def test_models_hold_the_counted_unique_values(strategy, ratio):
 
 
 def test_frozen_weights_regenerate_from_seed_and_strategy_only():
-    kw = dict(num_classes=10, weight_strategy="rp", rp_ratio=1e-2, weight_seed=7)
-    a = zoo.create_model("pemn_convmixer_32_4", rngs=0, **kw)
+    kw = dict(weight_strategy="rp", rp_ratio=1e-2, weight_seed=7)
+    a = _tiny(**kw)
     with jax.threefry_partitionable(True):   # the caller's PRNG mode and score seed do not matter
-        b = ConvMixer(32, 4, rngs=nnx.Rngs(5), **kw)
+        b = _tiny(rngs=nnx.Rngs(5), **kw)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(a, masked.FrozenWeight), nnx.state(b, masked.FrozenWeight))
     assert not np.array_equal(a.stem.scores[...], b.stem.scores[...])
     source = a.stem.kernel.get_metadata()["source"]
     assert (source.seed, source.strategy, source.ratio, source.rng_impl) == (7, "rp", 1e-2, "threefry2x32")
-    c = zoo.create_model("pemn_convmixer_32_4", rngs=0, **{**kw, "weight_seed": 8})
+    c = _tiny(**{**kw, "weight_seed": 8})
     assert not np.array_equal(a.stem.kernel[...], c.stem.kernel[...])
 
 
 def test_models_train_only_scores_and_norms_and_reject_bad_input():
-    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    model = zoo.create_model("pemn_convmixer_32_4", num_classes=10, weight_strategy="mp")
-    assert model(x).shape == (2, 10)
+    # abstract models and forward passes (shapes only): nothing is computed
+    x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    forward = lambda m, x: m(x)  # noqa: E731
+    model = zoo.create_model("pemn_convmixer_32_4", num_classes=10, weight_strategy="mp", abstract=True)
+    assert nnx.eval_shape(forward, model, x).shape == (2, 10)
     names = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert names == {"scores", "scale", "bias"}
     # 9 masked layers' scores (stem 3*4*32, 4 x (dw 25*32 + pw 32*32), head 32*10) + 9 BatchNorms
     assert zoo.count_params(model) == 384 + 4 * (800 + 1024) + 320 + 9 * 2 * 32
-    dense = zoo.create_model("pemn_convmixer_32_4", num_classes=10, masked=False)
-    assert dense(x).shape == (2, 10) and not masked.masked_layers(dense)
-    assert len(model.forward_intermediates(x)) == 5
-    vit = zoo.create_model("pemn_vit_64_4", num_classes=10, img_size=16, weight_strategy="rp", rp_ratio=1e-3)
-    assert vit(x).shape == (2, 10)
+    dense = zoo.create_model("pemn_convmixer_32_4", num_classes=10, masked=False, abstract=True)
+    assert nnx.eval_shape(forward, dense, x).shape == (2, 10) and not masked.masked_layers(dense)
+    assert len(nnx.eval_shape(lambda m, x: m.forward_intermediates(x), model, x)) == 5
+    vit = zoo.create_model("pemn_vit_64_4", num_classes=10, img_size=16, weight_strategy="rp", rp_ratio=1e-3,
+                           abstract=True)
+    assert nnx.eval_shape(forward, vit, x).shape == (2, 10)
     assert prototypes.model_storage(vit, "rp", 1e-3)["unique_values"] == int(64 * 192 * 1e-3) + 1
     with pytest.raises(ValueError, match="NHWC"):
-        model(jnp.ones((2, 16, 16, 1)))
+        nnx.eval_shape(forward, model, jax.ShapeDtypeStruct((2, 16, 16, 1), jnp.float32))
     with pytest.raises(ValueError, match="built for 16x16"):
-        vit(jnp.ones((1, 32, 32, 3)))
+        nnx.eval_shape(forward, vit, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
     with pytest.raises(ValueError, match="needs masked=True"):
         zoo.create_model("pemn_convmixer_32_4", num_classes=10, masked=False, weight_strategy="rp", abstract=True)
     with pytest.raises(ValueError, match="unknown weight strategy"):

@@ -29,6 +29,7 @@ an existing model, :func:`mask_model`). :func:`split_regenerable` / :func:`froze
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import re
@@ -111,6 +112,13 @@ def topk_mask(scores: jax.Array, keep: float) -> jax.Array:
     """
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep is the fraction of weights kept, in (0, 1]; got {keep}")
+    return _topk_mask(scores, float(keep))
+
+
+# The masks are jitted (inlined when called under jit): computed eagerly (bake, a mask shown in a
+# notebook) they are then one compiled program per shape instead of one per operation.
+@functools.partial(jax.jit, static_argnums=1)
+def _topk_mask(scores: jax.Array, keep: float) -> jax.Array:
     a = jnp.abs(scores)
     n = a.size
     drop = n - kept_count(n, keep)
@@ -121,6 +129,11 @@ def topk_mask(scores: jax.Array, keep: float) -> jax.Array:
 
 def threshold_mask(scores: jax.Array, threshold: float | jax.Array) -> jax.Array:
     """Binary mask ``scores >= threshold`` on the raw (signed) scores; gradient: the identity."""
+    return _threshold_mask(scores, threshold)
+
+
+@jax.jit
+def _threshold_mask(scores: jax.Array, threshold: jax.Array) -> jax.Array:
     hard = (jax.lax.stop_gradient(scores) >= threshold).astype(scores.dtype)
     return hard + (scores - jax.lax.stop_gradient(scores))
 

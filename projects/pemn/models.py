@@ -35,22 +35,33 @@ class _LayerFactory:
     """Builds masked layers (PEMN) or their ordinary dense twins from one set of arguments."""
 
     def __init__(self, masked: bool, keep: float, dtype, param_dtype, rngs: nnx.Rngs):
-        self.masked, self.rngs = masked, rngs
+        self.masked, self.rngs, self.param_dtype = masked, rngs, param_dtype
         self.kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mask_kw = dict(keep=keep) if masked else dict(use_bias=False, init="torch")
 
+    def _placeholder(self, shape) -> dict:
+        """A masked layer's kernel is redrawn by ``prototypes.regenerate`` at the end of the model's
+        constructor, so the layer's own Kaiming draw (a random-number program compiled per shape) is
+        skipped. Its key is still taken, so the scores get the key, hence the values, they had."""
+        self.rngs.params()
+        return dict(kernel=jnp.zeros(shape, self.param_dtype))
+
     def conv(self, cin, cout, k, **kw):
-        cls = MaskedConv if self.masked else Conv
-        return cls(cin, cout, k, **kw, **self.mask_kw, **self.kw)
+        if self.masked:
+            return MaskedConv(cin, cout, k, **self._placeholder((k, k, cin, cout)), **kw, **self.mask_kw, **self.kw)
+        return Conv(cin, cout, k, **kw, **self.mask_kw, **self.kw)
 
     def depthwise(self, channels, k):
         if self.masked:
-            return masked_depthwise_conv(channels, k, **self.mask_kw, **self.kw)
+            return masked_depthwise_conv(channels, k, **self._placeholder((k, k, 1, channels)), **self.mask_kw,
+                                         **self.kw)
         return depthwise_conv(channels, k, **self.kw)   # (keeps a bias: Conv's default)
 
     def linear(self, cin, cout, out_axis="out_channels"):
-        cls = MaskedLinear if self.masked else Linear
-        return cls(cin, cout, out_axis=out_axis, **self.mask_kw, **self.kw)
+        if self.masked:
+            return MaskedLinear(cin, cout, out_axis=out_axis, **self._placeholder((cin, cout)), **self.mask_kw,
+                                **self.kw)
+        return Linear(cin, cout, out_axis=out_axis, **self.mask_kw, **self.kw)
 
 
 def _regenerate(model, masked, weight_seed, weight_strategy, rp_ratio, rp_tiling):
