@@ -41,6 +41,15 @@ def zeros(key, shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype)
 
 
+def fan_out_normal(fan_out: int):
+    """``normal_(0, sqrt(2 / fan_out))`` with fan_out = kh*kw*out/groups: the conv init of FCViT's
+    ``_init_weights`` (its biases are zero). Used by ``lib.layers.global_context``."""
+    std = math.sqrt(2.0 / fan_out)
+    def init(key, shape, dtype=jnp.float32):
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return init
+
+
 def kernel_and_bias_init(scheme: str, fan_in: int):
     """(kernel_init, bias_init) for an init scheme name in :data:`INIT_SCHEMES`."""
     if scheme == "torch":
