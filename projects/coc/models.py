@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lib import zoo
+from lib.layers.backbone import check_image_batch, run_stage
 from lib.layers.cluster import Cluster, coordinate_channels
 from lib.layers.conv import Conv
 from lib.layers.drop import drop_path_rates
@@ -27,17 +28,8 @@ from lib.layers.norm import GroupNorm
 from projects.coc import convert
 
 
-def _call(module, x):
-    return module(x)
-
-
 def _per_stage(v, n: int = 4) -> tuple:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
-
-
-def check_image_batch(x: jax.Array) -> None:
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected an NHWC image batch of shape [batch, height, width, 3], got shape {tuple(x.shape)}")
 
 
 class PointReducer(nnx.Module):
@@ -133,7 +125,7 @@ class ContextCluster(nnx.Module):
         x = self.embed(x)
         features = []
         for stage in self.stages:
-            x = nnx.remat(_call)(stage, x) if self.remat else stage(x)
+            x = run_stage(stage, x, self.remat)
             features.append(x)
         return features
 

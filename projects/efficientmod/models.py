@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lib import zoo
+from lib.layers.backbone import check_image_batch, run_stage
 from lib.layers.attention import AttentionBlock
 from lib.layers.drop import drop_path_rates
 from lib.layers.head import ClassifierHead
@@ -27,16 +28,6 @@ from lib.layers.modulation import ModulationBlock
 from lib.layers.norm import LayerNorm
 from lib.layers.patch_embed import PatchEmbed
 from projects.efficientmod import convert
-
-
-def check_image_batch(x: jax.Array, channels: int = 3) -> None:
-    if x.ndim != 4 or x.shape[-1] != channels:
-        raise ValueError(f"expected an NHWC image batch of shape [batch, height, width, {channels}], "
-                         f"got shape {tuple(x.shape)}")
-
-
-def _call(module, x):
-    return module(x)
 
 
 class EfficientModStage(nnx.Module):
@@ -118,7 +109,7 @@ class EfficientMod(nnx.Module):
         x = self.patch_embed(x)
         features = []
         for stage in self.layers:
-            feature, x = nnx.remat(_call)(stage, x) if self.remat else stage(x)
+            feature, x = run_stage(stage, x, self.remat)
             features.append(feature)
         return features
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lib import zoo
+from lib.layers.backbone import check_image_batch, run_stage
 from lib.layers.conv import ConvBN
 from lib.layers.drop import drop_path_rates
 from lib.layers.global_context import DWConvMlp, GlobalContextMixer, base_init, check_init, fan_out_init
@@ -24,11 +25,6 @@ from lib.layers.head import ClassifierHead
 from lib.layers.metaformer import MetaFormerBlock
 from lib.layers.norm import GroupNorm
 from projects.fcvit import convert
-from projects.starnet.models import check_image_batch
-
-
-def _call(module, x):
-    return module(x)
 
 
 def fcvit_block(dim: int, mlp_ratio: float, drop_path: float, *, kernel_size: int = 11,
@@ -116,7 +112,7 @@ class FCViT(nnx.Module):
         x = self.stem(x)
         features = []
         for stage in self.stages:
-            x = nnx.remat(_call)(stage, x) if self.remat else stage(x)
+            x = run_stage(stage, x, self.remat)
             features.append(x)
         return features
 

@@ -23,12 +23,12 @@ from flax import nnx
 
 from lib import sharding, zoo
 from lib.layers import initializers, prototypes
+from lib.layers.backbone import check_image_batch
 from lib.layers.conv import Conv, depthwise_conv
 from lib.layers.linear import Linear
 from lib.layers.masked import MaskedConv, MaskedLinear, masked_depthwise_conv
 from lib.layers.norm import BatchNorm, LayerNorm
 from lib.layers.star import gelu
-from projects.starnet.models import check_image_batch
 
 
 class _LayerFactory:

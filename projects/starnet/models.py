@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lib import zoo
+from lib.layers.backbone import check_image_batch, run_stage
 from lib.layers.conv import Conv, ConvBN
 from lib.layers.drop import drop_path_rates
 from lib.layers.head import ClassifierHead
@@ -22,16 +23,6 @@ from lib.layers.star import DemoBlock, StarBlock, ToyStarBlock
 from projects.starnet import convert
 
 STEM_WIDTH = 32
-
-
-def _call(module, x):
-    return module(x)
-
-
-def check_image_batch(x: jax.Array, channels: int = 3) -> None:
-    if x.ndim != 4 or x.shape[-1] != channels:
-        raise ValueError(f"expected an NHWC image batch of shape [batch, height, width, {channels}], "
-                         f"got shape {tuple(x.shape)}")
 
 
 class StarStage(nnx.Module):
@@ -88,7 +79,7 @@ class StarNet(nnx.Module):
         x = jax.nn.relu6(self.stem(x))
         features = []
         for stage in self.stages:
-            x = nnx.remat(_call)(stage, x) if self.remat else stage(x)
+            x = run_stage(stage, x, self.remat)
             features.append(x)
         return features
 
