@@ -17,8 +17,6 @@ except s_conv from a RegNetY-160 with alpha 0.9 and tau 1. RegNetY-160 is not in
 ``teacher_weights`` (an official PyTorch checkpoint or a ``zoo.save_weights`` directory), or
 ``teacher_logits`` to a ``.npy`` of precomputed logits of any teacher.
 """
-import ml_collections
-
 from configs import common
 
 # variant: drop path rate hard-coded in the upstream factory
@@ -29,35 +27,12 @@ def get_config(arg=None):
     arg = common.parse_arg(arg, variant="xxs", runlocal=False)
     if arg.variant not in DROP_PATH:
         raise ValueError(f"unknown EfficientMod variant {arg.variant!r}; expected one of {sorted(DROP_PATH)}")
-    c = common.base_config()
-    c.model.name = f"efficientmod_{arg.variant}"
+    c = common.imagenet_config(model=f"efficientmod_{arg.variant}", batch_size=2048, lr=4e-3, min_lr=1e-5,
+                               auto_augment="rand-m9-mstd0.5-inc1", cutmix_alpha=1.0, ema_decay=0.9998,
+                               runlocal=arg.runlocal)
     c.model.kwargs.drop_path_rate = DROP_PATH[arg.variant]
-    c.num_classes = 1000
-    c.input.dataset = "tfds"
-    c.input.name = "imagenet2012"
-    c.input.image_size = 224
-    c.input.interpolation = "random"
-    c.input.auto_augment = "rand-m9-mstd0.5-inc1"
-    c.input.reprob = 0.25
-    c.input.batch_size = 2048
-    c.lr, c.min_lr, c.wd = 4e-3, 1e-5, 0.05
-    c.warmup_epochs, c.warmup_lr, c.total_epochs, c.cooldown_epochs = 5, 1e-6, 300, 10
-    c.schedule_per_epoch = True
-    c.mixup.mixup_alpha, c.mixup.cutmix_alpha = 0.8, 1.0
-    c.label_smoothing = 0.1
-    c.ema_decay = 0.9998
     # Soft distillation as upstream (alpha 0.9, tau 1). The recipe's RegNetY-160 teacher is not in
     # the zoo: pass a converted checkpoint of a zoo model (teacher + teacher_weights) or precomputed
-    # logits (teacher_logits). teacher="" trains without a teacher.
-    c.distill = ml_collections.ConfigDict(dict(
-        teacher="",
-        teacher_weights=ml_collections.config_dict.placeholder(str),
-        teacher_logits=ml_collections.config_dict.placeholder(str),
-        alpha=0.9,
-        tau=1.0,
-    ))
-    c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
-    if arg.runlocal:  # a few steps on a laptop: tiny batches, small images
-        c.input.batch_size, c.input.image_size, c.total_steps = 8, 64, 5
-        c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 5
+    # logits (teacher_logits). With neither it trains without a teacher.
+    c.distill.alpha, c.distill.tau = 0.9, 1.0
     return c

@@ -23,26 +23,8 @@ def get_config(arg=None):
     if arg.variant not in VARIANTS:
         raise ValueError(f"unknown FCViT variant {arg.variant!r}; expected one of {sorted(VARIANTS)}")
     drop_path, crop_pct = VARIANTS[arg.variant]
-    c = common.base_config()
-    c.model.name = f"fcvit_{arg.variant}"
+    c = common.imagenet_config(model=f"fcvit_{arg.variant}", batch_size=1024, lr=1e-3, min_lr=1e-6,
+                               auto_augment="rand-m9-mstd0.5-inc1", cutmix_alpha=1.0, crop_pct=crop_pct,
+                               runlocal=arg.runlocal)
     c.model.kwargs.drop_path_rate = drop_path
-    c.num_classes = 1000
-    c.input.dataset = "tfds"
-    c.input.name = "imagenet2012"
-    c.input.image_size = 224
-    c.input.crop_pct = crop_pct
-    c.input.interpolation = "random"
-    c.input.auto_augment = "rand-m9-mstd0.5-inc1"
-    c.input.reprob = 0.25
-    c.input.batch_size = 1024
-    c.lr, c.min_lr, c.wd = 1e-3, 1e-6, 0.05
-    c.warmup_epochs, c.warmup_lr, c.total_epochs, c.cooldown_epochs = 5, 1e-6, 300, 10
-    c.schedule_per_epoch = True
-    c.mixup.mixup_alpha, c.mixup.cutmix_alpha = 0.8, 1.0
-    c.label_smoothing = 0.1
-    c.ema_decay = 0.0
-    c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
-    if arg.runlocal:  # a few steps on a laptop: tiny batches, small images
-        c.input.batch_size, c.input.image_size, c.total_steps = 8, 64, 5
-        c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 5
     return c

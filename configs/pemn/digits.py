@@ -18,9 +18,11 @@ def get_config(arg=None):
         raise ValueError(f"unknown strategy {arg.strategy!r}; expected one of {STRATEGIES}")
     if arg.model not in ("convmixer", "vit"):
         raise ValueError(f"unknown model {arg.model!r}; expected 'convmixer' or 'vit'")
-    c = common.base_config()
+    # PEMN trains scores with AdamW at a large lr (0.01-0.05, wd 0.005-0.01); the dense twin uses the same.
+    c = common.digits_config(model=f"pemn_{arg.model}_{arg.width}_{arg.depth}", image_size=arg.image_size,
+                             epochs=arg.epochs, lr=1e-2, warmup_epochs=1, runlocal=arg.runlocal)
     c.seed = arg.seed
-    c.model.name = f"pemn_{arg.model}_{arg.width}_{arg.depth}"
+    c.wd = 5e-3
     kwargs = dict(masked=arg.strategy != "dense", weight_seed=arg.seed)
     if arg.strategy != "dense":
         kwargs.update(keep=arg.keep, weight_strategy="iid" if arg.strategy == "mask" else arg.strategy,
@@ -28,21 +30,8 @@ def get_config(arg=None):
     if arg.model == "vit":
         kwargs["img_size"] = arg.image_size
     c.model.kwargs.update(kwargs)
-    c.num_classes = 10
-    c.input.dataset = "digits"
-    c.input.image_size = arg.image_size
-    c.input.crop_pct = 1.0
-    c.input.scale = (0.6, 1.0)             # digits fill the frame: crop gently
-    c.input.hflip = 0.0                    # a flipped digit is another digit
-    c.input.batch_size = 64
-    # PEMN trains scores with AdamW at a large lr (0.01-0.05, wd 0.005-0.01); the dense twin uses the same.
-    c.lr, c.min_lr, c.warmup_epochs, c.cooldown_epochs, c.wd = 1e-2, 1e-5, 1, 0, 5e-3
-    c.total_epochs = arg.epochs
-    c.schedule_per_epoch = False
-    c.mixup.mixup_alpha = c.mixup.cutmix_alpha = 0.0
-    c.label_smoothing = 0.1
     c.log_every = 100
     c.checkpoint_every = 0                 # one checkpoint at the end
     if arg.runlocal:
-        c.total_epochs, c.warmup_epochs, c.input.batch_size, c.log_every = 1, 0, 32, 5
+        c.log_every = 5
     return c

@@ -7,22 +7,5 @@ from configs import common
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, variant="s050", image_size=32, epochs=30, runlocal=False)
-    c = common.base_config()
-    c.model.name = f"starnet_{arg.variant}"
-    c.num_classes = 10
-    c.input.dataset = "digits"
-    c.input.image_size = arg.image_size
-    c.input.crop_pct = 1.0
-    c.input.scale = (0.6, 1.0)             # digits fill the frame: crop gently
-    c.input.hflip = 0.0                    # a flipped digit is another digit
-    c.input.batch_size = 64
-    c.lr, c.min_lr, c.warmup_epochs, c.cooldown_epochs = 4e-3, 1e-5, 2, 0
-    c.total_epochs = arg.epochs
-    c.schedule_per_epoch = False
-    c.mixup.mixup_alpha = c.mixup.cutmix_alpha = 0.0
-    c.label_smoothing = 0.1
-    c.log_every = 50
-    c.checkpoint_every = 200
-    if arg.runlocal:
-        c.total_epochs, c.warmup_epochs, c.input.batch_size, c.log_every = 1, 0, 32, 5
-    return c
+    return common.digits_config(model=f"starnet_{arg.variant}", image_size=arg.image_size, epochs=arg.epochs,
+                                lr=4e-3, runlocal=arg.runlocal)

@@ -19,25 +19,7 @@ def get_config(arg=None):
     arg = common.parse_arg(arg, variant="s1", runlocal=False)
     if arg.variant not in DROP_PATH:
         raise ValueError(f"unknown StarNet variant {arg.variant!r}; expected one of {sorted(DROP_PATH)}")
-    c = common.base_config()
-    c.model.name = f"starnet_{arg.variant}"
+    c = common.imagenet_config(model=f"starnet_{arg.variant}", batch_size=2048, lr=3e-3, min_lr=1e-5,
+                               auto_augment="rand-m1-mstd0.5-inc1", cutmix_alpha=0.2, runlocal=arg.runlocal)
     c.model.kwargs.drop_path_rate = DROP_PATH[arg.variant]
-    c.num_classes = 1000
-    c.input.dataset = "tfds"
-    c.input.name = "imagenet2012"
-    c.input.image_size = 224
-    c.input.interpolation = "random"
-    c.input.auto_augment = "rand-m1-mstd0.5-inc1"
-    c.input.reprob = 0.25
-    c.input.batch_size = 2048
-    c.lr, c.min_lr, c.wd = 3e-3, 1e-5, 0.05
-    c.warmup_epochs, c.warmup_lr, c.total_epochs, c.cooldown_epochs = 5, 1e-6, 300, 10
-    c.schedule_per_epoch = True
-    c.mixup.mixup_alpha, c.mixup.cutmix_alpha = 0.8, 0.2
-    c.label_smoothing = 0.1
-    c.ema_decay = 0.0
-    c.log_every, c.eval_every, c.checkpoint_every = 100, 5000, 2000
-    if arg.runlocal:  # a few steps on a laptop: tiny batches, small images
-        c.input.batch_size, c.input.image_size, c.total_steps = 8, 64, 5
-        c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 5
     return c
