@@ -33,8 +33,14 @@ def golden(golden_dir):
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A per-run persistent compilation cache: tests that rebuild the same jitted program (a resumed
-    run, the same step on another model object) reuse the executable instead of recompiling."""
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    run, the same step on another model object) reuse the executable instead of recompiling. Under
+    pytest-xdist every worker shares one cache (the workers' temporary roots have one parent)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    cache = root / "jax_cache"
+    cache.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     yield
 
