@@ -116,15 +116,3 @@ def tiny_tfds_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     TinyShapes(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
     return data_dir
-
-
-# The slowest modules first: with one xdist worker per core, a long test started last would leave
-# the other worker idle at the end (module order is kept otherwise, and order within a module too).
-_SLOW_MODULES_FIRST = ("test_multihost.py", "test_notebooks.py", "test_train.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        name = item.path.name
-        return _SLOW_MODULES_FIRST.index(name) if name in _SLOW_MODULES_FIRST else len(_SLOW_MODULES_FIRST)
-    items.sort(key=rank)  # stable: the order within a module is kept
