@@ -142,6 +142,24 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 
     return _xla_conv(x, kernel, stride, padding, groups)
 
 
+def init_conv_geometry(layer, in_channels: int, out_channels: int, kernel_size, *, stride, padding, groups: int):
+    """Set a conv layer's geometry attributes (``in_channels``, ``out_channels``, ``groups``,
+    ``kernel_size``, ``stride``, explicit symmetric ``padding``) and return its HWIO kernel
+    ``shape``, the kernel's logical axis ``names`` and ``fan_in``. Shared by :class:`Conv` and the
+    masked conv, so a masked layer shards exactly like its dense twin."""
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"channels {in_channels}->{out_channels} do not divide into {groups} groups")
+    layer.in_channels, layer.out_channels, layer.groups = in_channels, out_channels, groups
+    layer.kernel_size, layer.stride = _pair(kernel_size), _pair(stride)
+    ph, pw = _pair(padding)
+    layer.padding = ((ph, ph), (pw, pw))
+    kh, kw = layer.kernel_size
+    # A depthwise kernel has a size-1 input dimension: nothing there to shard.
+    in_name = "in_channels" if in_channels // groups > 1 else None
+    shape = (kh, kw, in_channels // groups, out_channels)
+    return shape, ("kernel_h", "kernel_w", in_name, "out_channels"), (in_channels // groups) * kh * kw
+
+
 class Conv(nnx.Module):
     """``torch.nn.Conv2d`` in NHWC: same arguments, same padding, same default init.
 
@@ -155,21 +173,11 @@ class Conv(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size=1, *, stride=1, padding=0,
                  groups: int = 1, use_bias: bool = True, init: str = "torch", dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"channels {in_channels}->{out_channels} do not divide into {groups} groups")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        ph, pw = _pair(padding)
-        self.padding = ((ph, ph), (pw, pw))
+        shape, names, fan_in = init_conv_geometry(self, in_channels, out_channels, kernel_size, stride=stride,
+                                                  padding=padding, groups=groups)
         self.dtype = dtype
-        kh, kw = self.kernel_size
-        fan_in = (in_channels // groups) * kh * kw
         kernel_init, bias_init = initializers.kernel_and_bias_init(init, fan_in)
-        shape = (kh, kw, in_channels // groups, out_channels)
-        # A depthwise kernel has a size-1 input dimension: nothing there to shard.
-        in_name = "in_channels" if in_channels // groups > 1 else None
-        self.kernel = sharding.param(kernel_init(rngs.params(), shape, param_dtype),
-                                     ("kernel_h", "kernel_w", in_name, "out_channels"))
+        self.kernel = sharding.param(kernel_init(rngs.params(), shape, param_dtype), names)
         self.bias = (sharding.param(bias_init(rngs.params(), (out_channels,), param_dtype), ("out_channels",))
                      if use_bias else None)
 

@@ -42,7 +42,7 @@ from flax import nnx
 
 from lib import sharding
 from lib.layers import initializers
-from lib.layers.conv import Conv, _pair, conv2d
+from lib.layers.conv import Conv, conv2d, init_conv_geometry
 from lib.layers.linear import Linear
 
 MASK_MODES = ("topk", "threshold")
@@ -223,21 +223,14 @@ class MaskedConv(_Masked):
                  kernel: jax.Array | None = None, bias: jax.Array | None = None,
                  score_init: str = "kaiming_uniform", source: WeightSource | None = None, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"channels {in_channels}->{out_channels} do not divide into {groups} groups")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        ph, pw = _pair(padding)
-        self.padding, self.dtype = ((ph, ph), (pw, pw)), dtype
-        kh, kw = self.kernel_size
-        fan_in = (in_channels // groups) * kh * kw
-        shape = (kh, kw, in_channels // groups, out_channels)
+        shape, names, fan_in = init_conv_geometry(self, in_channels, out_channels, kernel_size, stride=stride,
+                                                  padding=padding, groups=groups)
+        self.dtype = dtype
         if kernel is None:
             kernel = kaiming_normal(fan_in)(rngs.params(), shape, param_dtype)
         if tuple(kernel.shape) != shape:
             raise ValueError(f"MaskedConv expects a kernel of shape {shape}, got {kernel.shape}")
-        in_name = "in_channels" if in_channels // groups > 1 else None    # as Conv: depthwise has no in axis
-        self._init_mask(kernel, ("kernel_h", "kernel_w", in_name, "out_channels"), fan_in=fan_in, keep=keep,
+        self._init_mask(kernel, names, fan_in=fan_in, keep=keep,
                         mode=mode, threshold=threshold, score_init=score_init, source=source,
                         param_dtype=param_dtype, rngs=rngs)
         self.bias = frozen(bias, ("out_channels",)) if bias is not None else None
