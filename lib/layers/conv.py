@@ -89,7 +89,9 @@ def _depthwise_shifted(x, kernel, padding):
     for i, j, win in _windows(xp, kh, kw, out_h, out_w):
         term = win * kernel[i, j, 0]
         y = term if y is None else y + term
-    return y
+    # Materialise the sum: otherwise XLA fuses the kh*kw taps into every consumer (BatchNorm's mean,
+    # its variance, the normalisation, ...), recomputing them there and compiling each copy.
+    return jax.lax.optimization_barrier(y)
 
 
 def _depthwise_shifted_fwd(x, kernel, padding):
