@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "PyTorch side uses torch.set_num_threads(N)")
     p.add_argument("--conv-impl", default=None, help="lib.layers.conv implementation (auto, xla, fast) "
                    "for the JAX runs; default: the library's (auto)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N more "
+                   "calls and add the XLA op time per step by kind and the slowest ops (benchmarks/op_profile.py)")
     p.add_argument("--remat", action="store_true", help="create_model(..., remat=True) where supported")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -325,6 +327,10 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
         "other_cpu_pct": other_cpu, "own_cpu_cores": own_cores,
         **_environment(),
     })
+    if args.profile:
+        from benchmarks import op_profile
+        result["op_profile"] = op_profile.profile(compiled, call, steps=args.profile)
+        print(op_profile.format_report(result["op_profile"]), file=sys.stderr, flush=True)
     return result
 
 

@@ -66,3 +66,16 @@ def test_all_zoo_smoke_check(capsys):
     rows = throughput.main(["--all-zoo", "demonet_2d_*"])     # the 2-D toys: points in, no images
     assert [r["model"] for r in rows] == ["demonet_2d_mul", "demonet_2d_sum"]
     assert all(r["images_per_s"] > 0 and r["batch"] == 2 and r["resolution"] is None for r in rows)
+
+
+def test_op_profile_groups_the_step_by_op_kind(capsys):
+    args = [a for a in TINY if a not in ("--conv-impl", "xla")] + ["--mode", "infer", "--conv-impl", "fast",
+                                                                  "--profile", "1"]
+    (row,) = throughput.main(args)
+    report = row["op_profile"]
+    # The tiny StarNet on the CPU fast path: 1x1 convs as matmuls, depthwise convs as shifted taps,
+    # the stem and downsamplers as XLA convolutions.
+    assert {"matmul", "shifted taps", "convolution"} <= report["by_category_ms"].keys()
+    assert report["total_ms"] > 0 and abs(sum(report["by_category_ms"].values()) - report["total_ms"]) < 1
+    assert report["top_ops"] and all(op["ms"] >= 0 and "f32[" in op["shape"] for op in report["top_ops"])
+    assert "op time per step" in capsys.readouterr().err
