@@ -1,7 +1,8 @@
 """Where a compiled step spends its time: XLA op times from ``jax.profiler``, grouped by kind.
 
     from benchmarks import op_profile
-    report = op_profile.profile(compiled, call, steps=3)   # compiled = jitted.lower(...).compile()
+    report = op_profile.profile(compiled, call, steps=3)   # compiled = jitted.lower(...).compile(),
+                                                           # call() runs it; warm it up first
     print(op_profile.format_report(report))
 
 Used by ``python -m benchmarks.throughput ... --profile N``. Op times are the durations of the
@@ -24,7 +25,6 @@ import collections
 import re
 
 CATEGORIES = ("matmul", "convolution", "shifted taps", "tap loop", "reduce", "transpose/copy", "elementwise")
-_WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "Thunk::", "$")
 
 
 def _parse_hlo(hlo_text: str):
@@ -44,11 +44,18 @@ def _parse_hlo(hlo_text: str):
     return instructions
 
 
+_CONTROL_FLOW = ("while", "conditional", "call")
+
+
+def _opcode(line: str) -> str:
+    m = re.search(r"= (?:\([^=]*\)|\S+) ([\w\-]+)\(", line)
+    return m.group(1) if m else ""
+
+
 def classify(line: str, body: str) -> str:
     """The category of one HLO instruction, from its line and the body of the fusion it calls."""
     text = body or line
-    op = re.search(r"= \S+ ([\w\-]+)\(", line)
-    op = op.group(1) if op else ""
+    op = _opcode(line)
     if op == "dot" or re.search(r" dot\(", text):
         return "matmul"
     if op == "convolution" or re.search(r" convolution\(", text):
@@ -59,19 +66,18 @@ def classify(line: str, body: str) -> str:
         return "tap loop"
     if re.search(r" reduce\(", text) or op == "reduce":
         return "reduce"
-    if op in ("transpose", "copy") or re.match(r"(transpose|copy)", line.split("=")[0].strip().lstrip("%")):
+    if op in ("transpose", "copy") or re.match(r"(?:ROOT )?%?(transpose|copy)", line):
         return "transpose/copy"
     return "elementwise"
 
 
 def profile(compiled, call, steps: int = 3) -> dict:
-    """Run ``call()`` ``steps`` times under the profiler; op times per step by category and the
-    ten slowest ops (name, category, ms per step, output shape)."""
+    """Run ``call()`` (already warmed up) ``steps`` times under the profiler; op times per step by
+    category and the ten slowest ops (name, category, ms per step, output shape)."""
     import tempfile
 
     import jax
     instructions = _parse_hlo(compiled.as_text() or "")
-    jax.block_until_ready(call())
     jax.profiler.start_trace(tempfile.mkdtemp(prefix="jax-op-profile-"))
     try:
         for _ in range(steps):
@@ -81,10 +87,10 @@ def profile(compiled, call, steps: int = 3) -> dict:
     per_op = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
-            if line.name == "python":
-                continue
             for event in line.events:
-                if event.name in instructions and not event.name.startswith(_WRAPPERS):
+                # XLA ops only (not the executor's or Python's events), and not control flow: a
+                # while loop's time is its body's ops, which are counted themselves.
+                if event.name in instructions and _opcode(instructions[event.name][0]) not in _CONTROL_FLOW:
                     per_op[event.name] += event.duration_ns / 1e6 / steps
     by_category = collections.Counter()
     top = []

@@ -79,3 +79,18 @@ def test_op_profile_groups_the_step_by_op_kind(capsys):
     assert report["total_ms"] > 0 and abs(sum(report["by_category_ms"].values()) - report["total_ms"]) < 1
     assert report["top_ops"] and all(op["ms"] >= 0 and "f32[" in op["shape"] for op in report["top_ops"])
     assert "op time per step" in capsys.readouterr().err
+
+
+def test_op_profile_counts_a_loop_body_once_not_again_as_the_loop():
+    import jax
+    import jax.numpy as jnp
+    from benchmarks import op_profile
+
+    def f(x):
+        return jax.lax.fori_loop(0, 20, lambda i, y: jnp.sin(y @ x) + y, x)
+    x = jnp.ones((64, 64)) / 64
+    compiled = jax.jit(f).lower(x).compile()
+    compiled(x).block_until_ready()
+    report = op_profile.profile(compiled, lambda: compiled(x), steps=2)
+    assert report["by_category_ms"].get("matmul", 0) > 0
+    assert not [op for op in report["top_ops"] if op["op"].startswith("while")]   # its body is counted already
