@@ -36,6 +36,47 @@ def test_depthwise_shifted_matches_lax_conv(k, pad, c):
         assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("hw,k,stride,pad", [
+    ((16, 16), 3, 2, 1),       # StarNet's downsampler geometry
+    ((15, 17), 3, 2, 1),       # odd sizes: the phases have different lengths
+    ((13, 12), 7, 2, 3),       # more taps per phase than shifts
+    ((16, 16), 4, 4, 0),       # patchify (stride = kernel)
+    ((11, 11), 3, 3, (0, 2)),  # asymmetric padding, stride 3
+    ((10, 10), 2, 3, 0),       # kernel smaller than stride: some phases get no tap
+])
+def test_strided_phase_input_gradient_matches_lax_conv(hw, k, stride, pad):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, 5, 3)) / k, jnp.float32)
+    lo, hi = (pad, pad) if isinstance(pad, int) else pad
+    padding, strides = ((lo, hi), (lo, hi)), (stride, stride)
+    v_ref, g_ref = _value_and_grads(lambda x, w: conv_lib._xla_conv(x, w, strides, padding, 1), x, kernel)
+    v_fast, g_fast = _value_and_grads(lambda x, w: conv_lib._strided_conv(x, w, strides, padding), x, kernel)
+    assert _rel(v_fast, v_ref) < 1e-6
+    for a, b in zip(g_fast, g_ref):
+        assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("channels,size,routed", [(16, 112, True), (3, 112, False), (16, 56, False)])
+def test_conv2d_routes_large_strided_convs_to_the_phase_gradient(channels, size, routed):
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    kernel = jnp.zeros((3, 3, channels, 4), jnp.float32)
+    for impl, want in (("fast", routed), ("xla", False)):
+        with conv_impl(impl):
+            jaxpr = str(jax.make_jaxpr(lambda x, w: conv_lib.conv2d(x, w, (2, 2), ((1, 1), (1, 1))))(x, kernel))
+        assert ("custom_vjp_call" in jaxpr) == want, (impl, jaxpr[:300])
+    with conv_impl("fast"):  # the routed form still equals the reference, gradients included
+        rng = np.random.default_rng(1)
+        x = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+        kernel = jnp.asarray(rng.standard_normal(kernel.shape) / 3, jnp.float32)
+        v_fast, g_fast = _value_and_grads(lambda x, w: conv_lib.conv2d(x, w, (2, 2), ((1, 1), (1, 1))), x, kernel)
+    with conv_impl("xla"):
+        v_ref, g_ref = _value_and_grads(lambda x, w: conv_lib.conv2d(x, w, (2, 2), ((1, 1), (1, 1))), x, kernel)
+    assert _rel(v_fast, v_ref) < 1e-6
+    for a, b in zip(g_fast, g_ref):
+        assert _rel(a, b) < 1e-5
+
+
 def test_pointwise_and_fused_branches_match():
     rngs = nnx.Rngs(0)
     f1, f2 = Conv(8, 24, 1, rngs=rngs), Conv(8, 24, 1, rngs=rngs)

@@ -122,13 +122,78 @@ def _depthwise_shifted_bwd(padding, res, dy):
 _depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
+def _phase_taps(k: int, s: int, pad_lo: int):
+    """For each output phase a (input rows s*m + a) of a stride-s conv's input gradient: the
+    (kernel tap i, dy row offset d) pairs with dx[s*m + a] += dy[m + d] @ kernel[i].T."""
+    return [[(i, (a + pad_lo - i) // s) for i in range(k) if (a + pad_lo - i) % s == 0] for a in range(s)]
+
+
+def _strided_input_grad(dy, kernel, x_shape, stride, padding):
+    """Input gradient of a dense strided conv as one matmul, then a phase interleave.
+
+    Each of the stride_h x stride_w phases of dx (rows s*m + a, columns s*l + b) is a sum of
+    shifted dy's times kernel taps. The shifted views of dy are concatenated on the channel axis
+    and multiplied by one matrix whose (shift, phase) blocks hold the matching taps (zeros
+    elsewhere), so every phase comes out of a single matmul."""
+    n, h, w, ci = x_shape
+    kh, kw, _, co = kernel.shape
+    (sh, sw), ho, wo = stride, dy.shape[1], dy.shape[2]
+    rows, cols = _phase_taps(kh, sh, padding[0][0]), _phase_taps(kw, sw, padding[1][0])
+    m, l = -(-h // sh), -(-w // sw)                       # rows / columns per phase (padded up)
+    row_offsets = sorted({d for taps in rows for _, d in taps})
+    col_offsets = sorted({e for taps in cols for _, e in taps})
+    # dy zero-padded so every view dy[m + d, l + e] over the phase grid is in range.
+    top, left = max(0, -row_offsets[0]), max(0, -col_offsets[0])
+    bottom, right = max(0, m + row_offsets[-1] - ho), max(0, l + col_offsets[-1] - wo)
+    dyp = jnp.pad(dy, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    shifts = [(d, e) for d in row_offsets for e in col_offsets]
+    views = jnp.concatenate([jax.lax.slice(dyp, (0, top + d, left + e, 0), (n, top + d + m, left + e + l, co))
+                             for d, e in shifts], axis=-1)
+    blocks = jnp.zeros((len(shifts), co, sh, sw, ci), kernel.dtype)
+    for a, row_taps in enumerate(rows):
+        for b, col_taps in enumerate(cols):
+            for i, d in row_taps:
+                for j, e in col_taps:
+                    blocks = blocks.at[shifts.index((d, e)), :, a, b, :].set(kernel[i, j].T)
+    phases = jnp.dot(views.reshape(-1, len(shifts) * co), blocks.reshape(len(shifts) * co, -1))
+    dx = phases.reshape(n, m, l, sh, sw, ci).transpose(0, 1, 3, 2, 4, 5).reshape(n, m * sh, l * sw, ci)
+    return dx[:, :h, :w]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x, kernel, stride, padding):
+    """A dense strided conv: XLA's forward and kernel gradient, the phase-matmul input gradient."""
+    return _xla_conv(x, kernel, stride, padding, 1)
+
+
+def _strided_conv_fwd(x, kernel, stride, padding):
+    return _strided_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _strided_conv_bwd(stride, padding, res, dy):
+    x, kernel = res
+    _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, stride, padding, 1), kernel)
+    return _strided_input_grad(dy, kernel, x.shape, stride, padding).astype(x.dtype), kernel_vjp(dy)[0]
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+# Where the phase-matmul input gradient wins on XLA:CPU (2-core CPU, batch 32): at 112x112x32 ->
+# 56x56x24 (StarNet's first downsampler) 65 ms against XLA's 150 ms, and the starnet_s1 train step
+# 7-8% faster; at 56x56 it is about even and at 28x28 and below, or with a 3-channel input (the
+# stem), slower. See benchmarks/RESULTS.md.
+_PHASE_GRAD_MIN_PIXELS = 112 * 112
+_PHASE_GRAD_MIN_CHANNELS = 16
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)),
            groups: int = 1) -> jax.Array:
     """NHWC x HWIO convolution; ``padding`` is explicit ((top, bottom), (left, right)).
 
     The one place a convolution is computed. With the fast path on (see :func:`set_conv_impl`):
-    1x1 stride-1 convs are matmuls and depthwise stride-1 convs are shifted multiply-adds with a
-    matching custom gradient; everything else (and the "xla" setting) uses
+    1x1 stride-1 convs are matmuls, depthwise stride-1 convs are shifted multiply-adds with a
+    matching custom gradient, and dense strided convs over large maps keep XLA's forward but take
+    their input gradient as one phase matmul; everything else (and the "xla" setting) uses
     ``lax.conv_general_dilated``. (An im2col form of the dense 3x3 convs measured slower than
     XLA's on CPU, forward and backward, so it is not used.) All forms agree to float32 round-off
     (``tests/test_conv_impls.py``).
@@ -141,6 +206,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 
         if groups == x.shape[-1] == cout and cin_g == 1 and stride == (1, 1) and \
                 all(0 <= p < k for p, k in zip(sum(padding, ()), (kh, kh, kw, kw))):
             return _depthwise_shifted(x, kernel, padding)
+        if groups == 1 and stride != (1, 1) and cin_g >= _PHASE_GRAD_MIN_CHANNELS and \
+                x.shape[1] * x.shape[2] >= _PHASE_GRAD_MIN_PIXELS:
+            return _strided_conv(x, kernel, stride, padding)
     return _xla_conv(x, kernel, stride, padding, groups)
 
 
