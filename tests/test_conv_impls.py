@@ -36,6 +36,25 @@ def test_depthwise_shifted_matches_lax_conv(k, pad, c):
         assert _rel(a, b) < 1e-5
 
 
+def test_depthwise_kernel_gradient_blocked_over_images_matches_lax_conv(monkeypatch):
+    # A tiny block target makes this small batch go through the image-block loop (6 images, blocks
+    # of 2), the path large maps take; the gradients must not change.
+    monkeypatch.setattr(conv_lib, "_KERNEL_GRAD_BLOCK_ELEMENTS", 2 * 9 * 9 * 4)
+    assert conv_lib._kernel_grad_block(6, 9 * 9 * 4) == 2
+    assert conv_lib._kernel_grad_block(4, 9 * 9 * 4) == 4      # fits in two blocks: unsplit
+    assert conv_lib._kernel_grad_block(7, 9 * 9 * 4) == 1      # prime batch: image by image
+    assert conv_lib._kernel_grad_block(6, 10 ** 6) == 1        # one image over the target
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((6, 9, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((7, 7, 1, 4)) / 7, jnp.float32)
+    outs = {}
+    for impl in ("xla", "fast"):
+        with conv_impl(impl):
+            outs[impl] = _value_and_grads(lambda x, w: conv_lib.conv2d(x, w, (1, 1), ((3, 3), (3, 3)), 4), x, kernel)
+    for a, b in zip(outs["fast"][1], outs["xla"][1]):
+        assert _rel(a, b) < 1e-5
+
+
 @pytest.mark.parametrize("hw,k,stride,pad", [
     ((16, 16), 3, 2, 1),       # StarNet's downsampler geometry
     ((15, 17), 3, 2, 1),       # odd sizes: the phases have different lengths
