@@ -213,7 +213,7 @@ _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 # Where the phase-matmul input gradient wins on XLA:CPU (2-core CPU, batch 32): at 112x112x32 ->
 # 56x56x24 (StarNet's first downsampler) 65 ms against XLA's 150 ms, and the starnet_s1 train step
-# 7-8% faster; at 56x56 it is about even and at 28x28 and below, or with a 3-channel input (the
+# about 7% faster; at 56x56 it is about even and at 28x28 and below, or with a 3-channel input (the
 # stem), slower. See benchmarks/RESULTS.md.
 _PHASE_GRAD_MIN_PIXELS = 112 * 112
 _PHASE_GRAD_MIN_CHANNELS = 16
