@@ -91,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N more "
                    "calls and add the XLA op time per step by kind and the slowest ops (benchmarks/op_profile.py)")
     p.add_argument("--remat", action="store_true", help="create_model(..., remat=True) where supported")
+    p.add_argument("--host-malloc", choices=("retain", "default"), default="retain",
+                   help="retain (default, as the training CLI): lib.host_malloc.retain_freed_memory() in "
+                   "both frameworks' processes before they start, so large buffers are not page-faulted "
+                   "afresh every step; default: glibc's own settings")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--all-zoo", nargs="?", const="*", default=None, metavar="PATTERN",
@@ -132,7 +136,9 @@ def _schedulable_cores() -> list[int]:
 
 
 def _setup_process(args) -> None:
-    """Thread pinning and simulated CPU devices; both must happen before the JAX backend starts."""
+    """Malloc settings, thread pinning and simulated CPU devices: before the JAX backend starts."""
+    from lib import host_malloc
+    args.host_malloc_applied = args.host_malloc == "retain" and host_malloc.retain_freed_memory()
     cores = _schedulable_cores()
     if args.threads is None:
         args.threads = len(cores)
@@ -233,6 +239,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
         shape = (batch, *info.input_size)
     result = {"framework": "jax", "model": model_name, "mode": mode, "batch": batch, "resolution": res,
               "dtype": dtype, "devices": args.devices, "threads": args.threads, "remat": bool(args.remat),
+              "host_malloc": args.host_malloc, "host_malloc_applied": args.host_malloc_applied,
               "conv_impl": _conv_impl_name()}
     if batch % args.devices:
         return {**result, "error": f"batch {batch} does not divide over {args.devices} devices"}
@@ -350,7 +357,8 @@ def run_torch(model_name: str, mode: str, batch: int, resolution: int, dtype: st
         cmd = [str(args.torch_python), str(HERE / "torch_side.py"), "--model", model_name, "--mode", mode,
                "--batch-size", str(batch), "--resolution", str(resolution), "--dtype", dtype,
                "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--variant", variant, "--seed", str(args.seed), "--num-classes", str(args.num_classes)]
+               "--variant", variant, "--seed", str(args.seed), "--num-classes", str(args.num_classes),
+               "--host-malloc", args.host_malloc]
         if args.channels_last:
             cmd.append("--channels-last")
         if args.torch_warm_cache:

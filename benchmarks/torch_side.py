@@ -1,7 +1,8 @@
 """The PyTorch half of ``benchmarks/throughput.py --vs-timm``: timm's (official) model, one JSON line.
 
 Runs in its own interpreter (``benchmarks/.torchenv``, see ``benchmarks/README.md``); it imports
-neither JAX nor the repository's ``lib``.
+neither JAX nor the repository's models, only ``lib/host_malloc.py`` (plain ``ctypes``), so that both
+sides run with the same malloc settings.
 
     benchmarks/.torchenv/bin/python benchmarks/torch_side.py --model starnet_s1 --mode train \
         --batch-size 32 --resolution 224 --threads 2 --variant compile
@@ -11,6 +12,8 @@ neither JAX nor the repository's ``lib``.
   (lr 1e-3, weight decay 0.05 on >=2-D params only, as the JAX side) step, ``zero_grad``.
 * ``--variant eager`` or ``compile`` (``torch.compile(model)``; for training the optimizer step is
   compiled too). A failing ``torch.compile`` is reported in the JSON line (``error``), exit 0.
+* ``--host-malloc retain`` (default) or ``default``: ``lib.host_malloc.retain_freed_memory()`` before
+  torch starts, as the JAX side does.
 * ``other_cpu_pct``: CPU other processes took during the timed steps (% of all cores).
 * ``compile_s``: the first call (for ``compile``: Dynamo + Inductor compilation and one step), by
   default with an empty Inductor cache (a fresh ``TORCHINDUCTOR_CACHE_DIR``), i.e. a cold compile
@@ -30,6 +33,9 @@ import time
 import traceback
 
 import machine  # benchmarks/machine.py: this script's folder is on sys.path when run as a script
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lib import host_malloc  # noqa: E402  (ctypes only; the repository root was just put on sys.path)
 
 _TV_LIB = None
 
@@ -74,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host-malloc", choices=("retain", "default"), default="retain",
+                   help="retain: lib.host_malloc.retain_freed_memory() before torch starts (as the JAX side)")
     p.add_argument("--warm-inductor-cache", action="store_true",
                    help="keep Inductor's on-disk cache (default: a fresh empty one, so compile_s is a cold "
                    "compile like JAX's)")
@@ -82,6 +90,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.host_malloc_applied = args.host_malloc == "retain" and host_malloc.retain_freed_memory()
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count()))
     threads = args.threads or len(cores)
     if threads < len(cores) and hasattr(os, "sched_setaffinity"):
@@ -105,7 +114,8 @@ def _run(args, threads: int) -> dict:
 
     row = {"framework": "torch", "variant": args.variant, "model": args.model, "mode": args.mode,
            "batch": args.batch_size, "resolution": args.resolution, "dtype": args.dtype,
-           "channels_last": args.channels_last, "threads": torch.get_num_threads(),
+           "channels_last": args.channels_last, "host_malloc": args.host_malloc,
+           "host_malloc_applied": args.host_malloc_applied, "threads": torch.get_num_threads(),
            "interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
            "timm": timm.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
            "torchvision_workaround": tv_workaround,
