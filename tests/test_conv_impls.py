@@ -63,34 +63,44 @@ def test_depthwise_kernel_gradient_blocked_over_images_matches_lax_conv(monkeypa
     ((11, 11), 3, 3, (0, 2)),  # asymmetric padding, stride 3
     ((10, 10), 2, 3, 0),       # kernel smaller than stride: some phases get no tap
 ])
-def test_strided_phase_input_gradient_matches_lax_conv(hw, k, stride, pad):
+def test_strided_custom_gradients_match_lax_conv(hw, k, stride, pad):
+    """The phase-matmul input gradient and the im2col kernel gradient, against XLA's own."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, *hw, 5)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((k, k, 5, 3)) / k, jnp.float32)
     lo, hi = (pad, pad) if isinstance(pad, int) else pad
     padding, strides = ((lo, hi), (lo, hi)), (stride, stride)
     v_ref, g_ref = _value_and_grads(lambda x, w: conv_lib._xla_conv(x, w, strides, padding, 1), x, kernel)
-    v_fast, g_fast = _value_and_grads(lambda x, w: conv_lib._strided_conv(x, w, strides, padding), x, kernel)
+    v_fast, g_fast = _value_and_grads(lambda x, w: conv_lib._strided_conv(x, w, strides, padding, True, True),
+                                      x, kernel)
     assert _rel(v_fast, v_ref) < 1e-6
     for a, b in zip(g_fast, g_ref):
         assert _rel(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("channels,size,routed", [(16, 112, True), (3, 112, False), (16, 56, False)])
-def test_conv2d_routes_large_strided_convs_to_the_phase_gradient(channels, size, routed):
-    x = jnp.zeros((1, size, size, channels), jnp.float32)
-    kernel = jnp.zeros((3, 3, channels, 4), jnp.float32)
-    for impl, want in (("fast", routed), ("xla", False)):
-        with conv_impl(impl):
-            jaxpr = str(jax.make_jaxpr(lambda x, w: conv_lib.conv2d(x, w, (2, 2), ((1, 1), (1, 1))))(x, kernel))
-        assert ("custom_vjp_call" in jaxpr) == want, (impl, jaxpr[:300])
-    with conv_impl("fast"):  # the routed form still equals the reference, gradients included
-        rng = np.random.default_rng(1)
-        x = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-        kernel = jnp.asarray(rng.standard_normal(kernel.shape) / 3, jnp.float32)
-        v_fast, g_fast = _value_and_grads(lambda x, w: conv_lib.conv2d(x, w, (2, 2), ((1, 1), (1, 1))), x, kernel)
+@pytest.mark.parametrize("channels,size,max_elements,want", [
+    (16, 112, 1 << 24, (True, True)),    # StarNet's first downsampler at batch 1: both custom gradients
+    (16, 112, 1 << 10, (True, False)),   # patch matrix over the limit: XLA's kernel gradient
+    (3, 112, 1 << 24, (False, True)),    # the stem: 3 channels, kernel gradient only
+    (16, 56, 1 << 24, (False, True)),    # smaller maps: kernel gradient only
+    (16, 56, 1 << 10, None),             # neither: XLA's conv
+])
+def test_conv2d_routes_strided_convs_to_the_custom_gradients(channels, size, max_elements, want, monkeypatch):
+    monkeypatch.setattr(conv_lib, "_IM2COL_MAX_ELEMENTS", max_elements)
+    routed = []
+    real = conv_lib._strided_conv
+    monkeypatch.setattr(conv_lib, "_strided_conv", lambda x, w, s, p, phase, im2col: (
+        routed.append((phase, im2col)), real(x, w, s, p, phase, im2col))[1])
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((1, size, size, channels)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, channels, 4)) / 3, jnp.float32)
+    conv = lambda x, w: conv_lib.conv2d(x, w, (2, 2), ((1, 1), (1, 1)))
     with conv_impl("xla"):
-        v_ref, g_ref = _value_and_grads(lambda x, w: conv_lib.conv2d(x, w, (2, 2), ((1, 1), (1, 1))), x, kernel)
+        v_ref, g_ref = _value_and_grads(conv, x, kernel)
+    assert routed == []
+    with conv_impl("fast"):   # the routed form still equals the reference, gradients included
+        v_fast, g_fast = _value_and_grads(conv, x, kernel)
+    assert (routed[0] if routed else None) == want
     assert _rel(v_fast, v_ref) < 1e-6
     for a, b in zip(g_fast, g_ref):
         assert _rel(a, b) < 1e-5

@@ -193,20 +193,37 @@ def _strided_input_grad(dy, kernel, x_shape, stride, padding):
     return dx[:, :h, :w]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided_conv(x, kernel, stride, padding):
-    """A dense strided conv: XLA's forward and kernel gradient, the phase-matmul input gradient."""
+def _strided_kernel_grad(x, dy, kernel_shape, stride, padding):
+    """Kernel gradient of a dense strided conv as one matmul: the kh*kw strided views of the padded
+    input stacked on the channel axis (im2col), contracted with dy over every output pixel."""
+    kh, kw, ci, co = kernel_shape
+    (sh, sw), (n, ho, wo, _) = stride, dy.shape
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    cols = jnp.concatenate([jax.lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, ci),
+                                          (1, sh, sw, 1)) for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.dot(cols.reshape(-1, kh * kw * ci).T, dy.reshape(-1, co)).reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _strided_conv(x, kernel, stride, padding, phase_input_grad, im2col_kernel_grad):
+    """A dense strided conv with XLA's forward; its input gradient as one phase matmul and/or its
+    kernel gradient as one im2col matmul where those beat XLA's, XLA's own gradients otherwise."""
     return _xla_conv(x, kernel, stride, padding, 1)
 
 
-def _strided_conv_fwd(x, kernel, stride, padding):
-    return _strided_conv(x, kernel, stride, padding), (x, kernel)
+def _strided_conv_fwd(x, kernel, stride, padding, phase_input_grad, im2col_kernel_grad):
+    return _strided_conv(x, kernel, stride, padding, phase_input_grad, im2col_kernel_grad), (x, kernel)
 
 
-def _strided_conv_bwd(stride, padding, res, dy):
+def _strided_conv_bwd(stride, padding, phase_input_grad, im2col_kernel_grad, res, dy):
     x, kernel = res
-    _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k, stride, padding, 1), kernel)
-    return _strided_input_grad(dy, kernel, x.shape, stride, padding).astype(x.dtype), kernel_vjp(dy)[0]
+    _, xla_vjp = jax.vjp(lambda x, k: _xla_conv(x, k, stride, padding, 1), x, kernel)
+    dx, dk = xla_vjp(dy)   # XLA drops whichever of the two is not used below
+    if phase_input_grad:
+        dx = _strided_input_grad(dy, kernel, x.shape, stride, padding).astype(x.dtype)
+    if im2col_kernel_grad:
+        dk = _strided_kernel_grad(x, dy, kernel.shape, stride, padding).astype(kernel.dtype)
+    return dx, dk
 
 
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
@@ -217,6 +234,15 @@ _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 # stem), slower. See benchmarks/RESULTS.md.
 _PHASE_GRAD_MIN_PIXELS = 112 * 112
 _PHASE_GRAD_MIN_CHANNELS = 16
+# The im2col kernel gradient beats XLA's while its patch matrix stays small (micro-benchmarks,
+# batch 32): StarNet's 3x3 stem 29 vs 72 ms, the 56x56x24 and 28x28x48 downsamplers 11 vs 15 and
+# 5.4 vs 10 ms, the 7x7 stride-4 stems even (31 vs 31 ms); for the 112x112x32 downsampler, whose
+# patches are 29M elements, it was slower (43 vs 37 ms).
+_IM2COL_MAX_ELEMENTS = 1 << 24
+
+
+def _strided_out(size, k, s, pad):
+    return (size + pad[0] + pad[1] - k) // s + 1
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)),
@@ -225,11 +251,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 
 
     The one place a convolution is computed. With the fast path on (see :func:`set_conv_impl`):
     1x1 stride-1 convs are matmuls, depthwise stride-1 convs are shifted multiply-adds with a
-    matching custom gradient, and dense strided convs over large maps keep XLA's forward but take
-    their input gradient as one phase matmul; everything else (and the "xla" setting) uses
-    ``lax.conv_general_dilated``. (An im2col form of the dense 3x3 convs measured slower than
-    XLA's on CPU, forward and backward, so it is not used.) All forms agree to float32 round-off
-    (``tests/test_conv_impls.py``).
+    matching custom gradient, and dense strided convs keep XLA's forward but take their input
+    gradient as one phase matmul (over large maps) and their kernel gradient as one im2col matmul
+    (where the patch matrix is small); everything else (and the "xla" setting) uses
+    ``lax.conv_general_dilated``. (An im2col forward measured slower than XLA's on CPU, so it is
+    not used.) All forms agree to float32 round-off (``tests/test_conv_impls.py``).
     """
     stride, padding = tuple(stride), tuple(tuple(p) for p in padding)
     if use_fast_path():
@@ -239,9 +265,14 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 
         if groups == x.shape[-1] == cout and cin_g == 1 and stride == (1, 1) and \
                 all(0 <= p < k for p, k in zip(sum(padding, ()), (kh, kh, kw, kw))):
             return _depthwise_shifted(x, kernel, padding)
-        if groups == 1 and stride != (1, 1) and cin_g >= _PHASE_GRAD_MIN_CHANNELS and \
-                x.shape[1] * x.shape[2] >= _PHASE_GRAD_MIN_PIXELS:
-            return _strided_conv(x, kernel, stride, padding)
+        if groups == 1 and stride != (1, 1):
+            phase = cin_g >= _PHASE_GRAD_MIN_CHANNELS and x.shape[1] * x.shape[2] >= _PHASE_GRAD_MIN_PIXELS
+            patches = kh * kw * cin_g * _strided_out(x.shape[1], kh, stride[0], padding[0]) * \
+                _strided_out(x.shape[2], kw, stride[1], padding[1])
+            # (A symbolic batch, as in jax.export's inference functions, takes no gradient: skip.)
+            im2col = isinstance(x.shape[0], int) and x.shape[0] * patches <= _IM2COL_MAX_ELEMENTS
+            if phase or im2col:
+                return _strided_conv(x, kernel, stride, padding, phase, im2col)
     return _xla_conv(x, kernel, stride, padding, groups)
 
 
