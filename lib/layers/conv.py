@@ -75,8 +75,8 @@ def _windows(xp, kh, kw, out_h, out_w):
             yield i, j, jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + out_h, j + out_w, xp.shape[3]))
 
 
-def _out_size(size, k, pad):
-    return size + pad[0] + pad[1] - k + 1
+def _out_size(size, k, pad, stride=1):
+    return (size + pad[0] + pad[1] - k) // stride + 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -241,10 +241,6 @@ _PHASE_GRAD_MIN_CHANNELS = 16
 _IM2COL_MAX_ELEMENTS = 1 << 24
 
 
-def _strided_out(size, k, s, pad):
-    return (size + pad[0] + pad[1] - k) // s + 1
-
-
 def conv2d(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)),
            groups: int = 1) -> jax.Array:
     """NHWC x HWIO convolution; ``padding`` is explicit ((top, bottom), (left, right)).
@@ -267,8 +263,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 
             return _depthwise_shifted(x, kernel, padding)
         if groups == 1 and stride != (1, 1):
             phase = cin_g >= _PHASE_GRAD_MIN_CHANNELS and x.shape[1] * x.shape[2] >= _PHASE_GRAD_MIN_PIXELS
-            patches = kh * kw * cin_g * _strided_out(x.shape[1], kh, stride[0], padding[0]) * \
-                _strided_out(x.shape[2], kw, stride[1], padding[1])
+            patches = kh * kw * cin_g * _out_size(x.shape[1], kh, padding[0], stride[0]) * \
+                _out_size(x.shape[2], kw, padding[1], stride[1])
             # (A symbolic batch, as in jax.export's inference functions, takes no gradient: skip.)
             im2col = isinstance(x.shape[0], int) and x.shape[0] * patches <= _IM2COL_MAX_ELEMENTS
             if phase or im2col:
