@@ -30,6 +30,36 @@ def golden(golden_dir):
     return golden_module
 
 
+@pytest.fixture(scope="session")
+def check_golden_parity(golden, golden_dir):
+    """``check(fixture)``: the zoo model named by a golden fixture, loaded with the fixture's seeded
+    official weights, reproduces the official PyTorch logits in every recorded mode (eval, and
+    train for BatchNorm models) and has the official parameter count. Returns the fixture."""
+    from flax import nnx
+
+    from lib import zoo
+
+    def check(fixture: str) -> dict:
+        spec = golden.load(golden_dir / f"{fixture}.json")
+        state_dict = golden.state_dict(spec)
+        x = golden.inputs(spec).transpose(0, 2, 3, 1)   # the fixture's NCHW input, channels last
+        for mode in golden.modes(spec):
+            model = zoo.create_model(spec["canonical"], num_classes=spec["num_classes"])
+            zoo.load_torch_weights(model, state_dict)      # strict: every official key must map
+            model.eval() if mode == "eval" else model.train()
+            graphdef, state = nnx.split(model)
+            logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+            ok, err, tol = golden.compare(np.asarray(logits), spec, mode)
+            assert ok, f"{fixture} {mode}: max abs error {err:.3g} > {tol:.3g}"
+            # A correct float32 port lands near 1e-6 relative; far above that hides a real mismatch
+            # (one flipped cluster assignment in CoC moves logits by ~1e-3).
+            assert err <= 5e-6 * max(1.0, float(np.abs(golden.expected(spec, mode)).max()))
+        assert zoo.count_params(model) == spec["num_params"]
+        return spec
+
+    return check
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A per-run persistent compilation cache: tests that rebuild the same jitted program (a resumed

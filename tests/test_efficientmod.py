@@ -41,20 +41,9 @@ def _images(shape, seed=0):
 
 
 @pytest.mark.parametrize("impl", ["fast", "xla"])
-def test_parity_with_official_pytorch(golden, golden_dir, impl):
-    spec = golden.load(golden_dir / "efficientmod_xxs_224.json")
-    x = golden.inputs(spec).transpose(0, 2, 3, 1)
+def test_parity_with_official_pytorch(check_golden_parity, impl):
     with conv_lib.conv_impl(impl):  # both depthwise-conv implementations must match
-        model = zoo.create_model(spec["canonical"], num_classes=spec["num_classes"])
-        zoo.load_torch_weights(model, golden.state_dict(spec))
-        model.eval()
-        graphdef, state = nnx.split(model)
-        logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-    ok, err, tol = golden.compare(np.asarray(logits), spec, "eval")
-    assert ok, f"max abs error {err:.3g} > {tol:.3g}"
-    # A correct float32 port lands near 1e-6 relative; far above that hides a real mismatch.
-    assert err <= 5e-6 * max(1.0, float(np.abs(golden.expected(spec, "eval")).max()))
-    assert zoo.count_params(model) == spec["num_params"]
+        check_golden_parity("efficientmod_xxs_224")
 
 
 @pytest.mark.parametrize("name,count", sorted(PARAM_COUNTS.items()))

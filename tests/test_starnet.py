@@ -22,26 +22,9 @@ DEMONET_D12_PARAMS_M = {64: 0.60, 128: 2.09, 192: 4.46, 256: 7.72, 320: 11.86, 3
 
 @pytest.mark.parametrize("impl", ["fast", "xla"])
 @pytest.mark.parametrize("fixture", FIXTURES)
-def test_parity_with_official_pytorch(golden, golden_dir, fixture, impl):
+def test_parity_with_official_pytorch(check_golden_parity, fixture, impl):
     with conv_lib.conv_impl(impl):  # both convolution implementations must match the official code
-        _check_parity(golden, golden_dir, fixture)
-
-
-def _check_parity(golden, golden_dir, fixture):
-    spec = golden.load(golden_dir / f"{fixture}.json")
-    state_dict = golden.state_dict(spec)
-    x = golden.inputs(spec).transpose(0, 2, 3, 1)
-    for mode in golden.modes(spec):
-        model = zoo.create_model(spec["canonical"], num_classes=spec["num_classes"])
-        zoo.load_torch_weights(model, state_dict)
-        model.eval() if mode == "eval" else model.train()
-        graphdef, state = nnx.split(model)
-        logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-        ok, err, tol = golden.compare(np.asarray(logits), spec, mode)
-        assert ok, f"{fixture} {mode}: max abs error {err:.3g} > {tol:.3g}"
-        # A correct float32 port lands near 1e-6 relative; far above that hides a real mismatch.
-        assert err <= 5e-6 * max(1.0, float(np.abs(golden.expected(spec, mode)).max()))
-        assert zoo.count_params(model) == spec["num_params"]
+        check_golden_parity(fixture)
 
 
 @pytest.mark.parametrize("name,count", sorted(PARAM_COUNTS.items()))
