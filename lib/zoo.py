@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import fnmatch
 import importlib
+import json
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -174,25 +175,57 @@ def load_torch_weights(model: nnx.Module, source: str | Path | Mapping[str, Any]
 # ------------------------------------------------------------------------------------------------
 # the project's own format (orbax)
 # ------------------------------------------------------------------------------------------------
-def save_weights(model: nnx.Module, path: str | Path) -> Path:
-    """Save parameters and BatchNorm statistics (``nnx.state``) as an orbax checkpoint directory.
+# The variables a weights directory holds: parameters, BatchNorm statistics, and frozen weights
+# that cannot be regenerated (Mask Fine-Tuning's, over trained weights). Frozen weights rebuilt
+# from a seed (PEMN) are not stored; a manifest of how they were generated is, and is checked.
+_FROZEN_MANIFEST = "frozen_weights.json"
 
-    The directory must not exist yet; converting an official checkpoint is then a one-time step.
+
+def _stored_frozen(path, value) -> bool:
+    from lib.layers import masked
+    return isinstance(value, masked.FrozenWeight) and not masked.is_regenerable(path, value)
+
+
+_STORED = (nnx.Param, nnx.BatchStat, _stored_frozen)
+
+
+def _frozen_manifest(model: nnx.Module) -> dict:
+    """The manifest of ``model``'s regenerable frozen weights ({} when it has none)."""
+    from lib.layers import masked
+    regenerable = nnx.state(model, masked.is_regenerable)
+    if not jax.tree.leaves(regenerable):
+        return {}
+    if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(regenerable)):
+        raise ValueError(f"{type(model).__name__} regenerates its frozen weights from a seed; create it "
+                         f"concretely (not abstract=True) to save or load its weights")
+    return masked.frozen_manifest({"model": regenerable})
+
+
+def save_weights(model: nnx.Module, path: str | Path) -> Path:
+    """Save parameters, BatchNorm statistics and stored frozen weights as an orbax checkpoint directory.
+
+    Frozen weights that the model regenerates from a seed (PEMN) are only recorded (seed, strategy,
+    digest in ``frozen_weights.json``) and checked by :func:`load_weights`. The directory must not
+    exist yet; converting an official checkpoint is then a one-time step.
     """
     import orbax.checkpoint as ocp
     path = Path(path).absolute()
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new directory for the weights")
-    state = nnx.state(model, (nnx.Param, nnx.BatchStat)).to_pure_dict()
+    manifest = _frozen_manifest(model)
+    state = nnx.state(model, _STORED).to_pure_dict()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, state)
         ckptr.wait_until_finished()
+    if manifest and jax.process_index() == 0:
+        (path / _FROZEN_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
 
 def load_weights(model: nnx.Module, path: str | Path, *, mesh: Mesh | None = None,
                  sharding_rules=sharding.DEFAULT_RULES) -> nnx.Module:
-    """Restore :func:`save_weights` output into ``model`` (which may be abstract); returns it.
+    """Restore :func:`save_weights` output into ``model`` (which may be abstract, unless it regenerates
+    frozen weights from a seed); returns it.
 
     With ``mesh`` the arrays are restored directly into their shards; without, each array keeps the
     placement the model already has (a model created sharded stays sharded), and arrays of an
@@ -202,7 +235,13 @@ def load_weights(model: nnx.Module, path: str | Path, *, mesh: Mesh | None = Non
     path = Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"weights directory not found: {path}")
-    graphdef, state, rest = nnx.split(model, (nnx.Param, nnx.BatchStat), ...)
+    manifest_file = path / _FROZEN_MANIFEST
+    current = _frozen_manifest(model)
+    if current or manifest_file.exists():   # before anything is restored: a mismatch changes nothing
+        from lib.layers import masked
+        saved = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
+        masked.check_frozen_manifest(saved, current, where="weights directory")
+    graphdef, state, rest = nnx.split(model, _STORED, ...)
     if mesh is not None:
         shardings = sharding.state_shardings(state, mesh, sharding_rules)
     else:

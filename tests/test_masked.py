@@ -278,3 +278,37 @@ def test_checkpoints_leave_out_regenerable_weights_and_check_them(tmp_path, tiny
     stored, regenerable = masked.split_regenerable(state)
     assert not regenerable
     assert nnx.to_flat_state(nnx.split_state(stored["rest"], masked.FrozenWeight, ...)[0])   # kept in the state
+
+
+def test_weights_directories_store_mft_frozen_weights_and_check_regenerated_ones(tmp_path, tiny_starnet):
+    from lib import zoo
+    # Mask Fine-Tuning over trained weights: the frozen weights are stored with the scores
+    model = masked.mask_model(nnx.clone(tiny_starnet), "head", keep=0.9)
+    x = _normal(6, (2, 8, 8, 3))
+    zoo.save_weights(model, tmp_path / "mft")
+    untrained = StarNet(4, (1,), 1, num_classes=5, rngs=nnx.Rngs(1))   # other base weights
+    other = masked.mask_model(untrained, "head", keep=0.9, rngs=1)
+    other.eval()
+    assert not np.allclose(other(x), model(x))
+    zoo.load_weights(other, tmp_path / "mft")
+    np.testing.assert_array_equal(other.head.fc.kernel[...], model.head.fc.kernel[...])
+    np.testing.assert_allclose(other(x), model(x), rtol=1e-6, atol=1e-6)
+    assert not (tmp_path / "mft" / "frozen_weights.json").exists()
+
+    # PEMN: weights rebuilt from a seed are recorded, not stored, and checked when loading
+    pemn = _tiny_pemn(weight_strategy="mp", weight_seed=3)
+    zoo.save_weights(pemn, tmp_path / "pemn")
+    assert "seed" in (tmp_path / "pemn" / "frozen_weights.json").read_text()
+    stored = "".join(p.read_text(errors="ignore") for p in (tmp_path / "pemn").rglob("*")
+                     if p.is_file() and "metadata" in p.name.lower())
+    assert "scores" in stored and "kernel" not in stored
+    same = ConvMixer(16, 2, kernel_size=3, patch_size=2, num_classes=10, weight_strategy="mp", weight_seed=3,
+                     rngs=nnx.Rngs(5))                                      # other scores, same frozen weights
+    assert not np.allclose(same.head.scores[...], pemn.head.scores[...])
+    zoo.load_weights(same, tmp_path / "pemn")
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(same, nnx.Param), nnx.state(pemn, nnx.Param))
+    reseeded = _tiny_pemn(weight_strategy="mp", weight_seed=4)
+    before = jax.tree.map(np.asarray, nnx.state(reseeded))
+    with pytest.raises(masked.FrozenWeightMismatch, match=r"seed 3 in the weights directory vs 4 now"):
+        zoo.load_weights(reseeded, tmp_path / "pemn")
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(reseeded), before)   # nothing was loaded
