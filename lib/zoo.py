@@ -5,7 +5,7 @@
     model = zoo.create_model("starnet_s1", num_classes=1000, rngs=0)
     zoo.load_torch_weights(model, "starnet_s1.pth.tar")     # official checkpoint, no torch needed
     zoo.save_weights(model, "/ckpt/starnet_s1")             # the project's own format (orbax)
-    model = zoo.create_model("starnet_s1", weights="/ckpt/starnet_s1")
+    model = zoo.create_model("starnet_s1", weights="/ckpt/starnet_s1")   # either format
 
 Models take float32 NHWC images and return logits; ``model.eval()`` / ``model.train()`` switch
 BatchNorm and DropPath. Projects register their models with :func:`register_model`; the
@@ -107,8 +107,8 @@ def create_model(name: str, *, num_classes: int = 1000, rngs: int | jax.Array | 
         with ``mesh``, the structs carry the shardings the parameters would have.
       mesh: create the parameters directly sharded over ``mesh`` (per ``sharding_rules``), so a
         large model never exists whole on one device.
-      weights: a directory written by :func:`save_weights`, restored straight into the (sharded)
-        parameters instead of initialising them.
+      weights: a directory written by :func:`save_weights` (restored straight into the sharded
+        parameters) or an official PyTorch checkpoint file, loaded strictly (:func:`load_pretrained`).
       **overrides: model constructor arguments, e.g. ``drop_path_rate=0.1`` or ``dtype=jnp.bfloat16``.
     """
     info = model_info(name)
@@ -135,7 +135,7 @@ def create_model(name: str, *, num_classes: int = 1000, rngs: int | jax.Array | 
     else:
         model = nnx.merge(graphdef, jax.jit(lambda k: nnx.split(build(k))[1], out_shardings=shardings)(key))
     if weights is not None:  # restored over the (sharded) initial values, shard by shard
-        load_weights(model, weights, mesh=mesh, sharding_rules=sharding_rules)
+        load_pretrained(model, weights, mesh=mesh, sharding_rules=sharding_rules)
     return model
 
 
@@ -220,6 +220,19 @@ def save_weights(model: nnx.Module, path: str | Path) -> Path:
     if manifest and jax.process_index() == 0:
         (path / _FROZEN_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
+
+
+def load_pretrained(model: nnx.Module, path: str | Path, *, strict: bool = True, use_ema: bool = False,
+                    mesh: Mesh | None = None, sharding_rules=sharding.DEFAULT_RULES) -> ConversionReport | None:
+    """Weights in either format into ``model``: a :func:`save_weights` directory (:func:`load_weights`,
+    ``mesh`` and ``sharding_rules`` apply) or an official PyTorch checkpoint file
+    (:func:`load_torch_weights`, ``strict`` and ``use_ema`` apply). Returns the PyTorch conversion
+    report, or None for a directory."""
+    path = Path(path)
+    if path.is_dir():
+        load_weights(model, path, mesh=mesh, sharding_rules=sharding_rules)
+        return None
+    return load_torch_weights(model, path, strict=strict, use_ema=use_ema)
 
 
 def load_weights(model: nnx.Module, path: str | Path, *, mesh: Mesh | None = None,

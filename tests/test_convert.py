@@ -58,6 +58,19 @@ def test_ema_weights_are_selectable(golden_dir, reference_model):
     np.testing.assert_allclose(got[key], 0.5 * reference_model[key], rtol=1e-7)
 
 
+def test_create_model_takes_official_files_too(golden_dir, reference_model):
+    """``weights=`` (zoo.load_pretrained) reads a PyTorch file as strictly as load_torch_weights."""
+    model = zoo.create_model("starnet_s050", rngs=7, weights=golden_dir / "checkpoints" / "starnet_s050_saver.pth.tar")
+    got = _params(model)
+    for k, v in reference_model.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    with pytest.raises(zoo.WeightConversionError, match="missing"):
+        zoo.create_model("starnet_s1", weights=golden_dir / "checkpoints" / "starnet_s050_saver.pth.tar")
+    report = zoo.load_pretrained(zoo.create_model("starnet_s050"), golden_dir / "checkpoints" / "starnet_s050_ddp_ema.pth.tar",
+                                 use_ema=True)
+    assert report.ok
+
+
 def test_unsafe_pickle_is_refused_and_never_executed(golden_dir, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(builtins, "print", lambda *a, **k: calls.append(a))

@@ -21,7 +21,6 @@ The teacher comes from one of two places (``config.distill``):
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -84,11 +83,7 @@ def load_teacher(name: str, weights: str | None, *, num_classes: int, mesh=None,
     from lib import zoo
     model = zoo.create_model(name, num_classes=num_classes, rngs=0, mesh=mesh, sharding_rules=sharding_rules)
     if weights:
-        path = Path(weights)
-        if path.is_dir():
-            zoo.load_weights(model, path)
-        else:
-            zoo.load_torch_weights(model, path, strict=True)
+        zoo.load_pretrained(model, weights, strict=True)
     model.eval()
     return model
 

@@ -97,12 +97,10 @@ def _init_from(model, path: str, num_classes: int, use_ema: bool = False):
     """Fine-tuning start: official PyTorch weights (``use_ema``: a training checkpoint's
     ``state_dict_ema``) or our own weights directory; a classifier of another size is
     re-initialised (and that is logged)."""
-    path = Path(path)
-    if path.is_dir():
-        zoo.load_weights(model, path)
+    report = zoo.load_pretrained(model, path, strict=False, use_ema=use_ema)
+    if report is None:
         _print(f"init_from: loaded {path}")
         return
-    report = zoo.load_torch_weights(model, path, strict=False, use_ema=use_ema)
     head_only = all(k.startswith("head") for k in report.missing) and all(
         m.startswith("head") for m in report.mismatched) and not report.unexpected
     if not report.ok and not head_only:
