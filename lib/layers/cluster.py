@@ -74,13 +74,6 @@ def adaptive_bins(size: int, bins: int) -> list[tuple[int, int]]:
     return [((i * size) // bins, -(-((i + 1) * size) // bins)) for i in range(bins)]
 
 
-def _bin_matrix(size: int, bins: int) -> np.ndarray:
-    m = np.zeros((bins, size), np.float32)
-    for i, (start, end) in enumerate(adaptive_bins(size, bins)):
-        m[i, start:end] = 1.0
-    return m
-
-
 def adaptive_avg_pool(x: jax.Array, output_size) -> jax.Array:
     """``torch.nn.AdaptiveAvgPool2d(output_size)`` on NHWC ``[B, H, W, C] -> [B, P, Q, C]``.
 
@@ -90,11 +83,9 @@ def adaptive_avg_pool(x: jax.Array, output_size) -> jax.Array:
     if x.ndim != 4:
         raise ValueError(f"adaptive_avg_pool expects NHWC [batch, height, width, channels], got {x.shape}")
     (p, q), (h, w) = _pair(output_size), x.shape[1:3]
-    rows, cols = _bin_matrix(h, p), _bin_matrix(w, q)
-    acc = _at_least_f32(x.dtype)
-    sums = jnp.einsum("ph,bhwc,qw->bpqc", rows.astype(acc), x.astype(acc), cols.astype(acc), precision=_HIGHEST)
-    counts = rows.sum(1)[:, None] * cols.sum(1)[None, :]
-    return (sums / counts[None, :, :, None]).astype(x.dtype)
+    sums = _pool_sums(_pool_sums(x.astype(_at_least_f32(x.dtype)), 1, p), 2, q)
+    counts = _bin_counts(h, p)[:, None] * _bin_counts(w, q)[None, :]
+    return (sums / counts[None, :, :, None].astype(sums.dtype)).astype(x.dtype)
 
 
 def _pool_sums(x: jax.Array, axis: int, bins: int) -> jax.Array:
