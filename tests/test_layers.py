@@ -9,7 +9,7 @@ from lib.layers.conv import Conv, depthwise_conv
 from lib.layers.drop import DropPath, drop_path_rates
 from lib.layers.metaformer import MetaFormerBlock
 from lib.layers.norm import BatchNorm, GroupNorm
-from lib.layers.star import star
+from lib.layers.star import gelu, star
 
 
 def _torch_conv(x_nchw, w_oihw, stride, pad, groups):
@@ -84,6 +84,20 @@ def test_star_modes():
     np.testing.assert_array_equal(star(a, b, "sum"), [4.0, 6.0])
     with pytest.raises(ValueError, match="unknown star mode"):
         star(a, b, "max")
+
+
+def test_gelu_is_exact_erf_gelu():
+    """torch.nn.GELU(): 0.5 x (1 + erf(x / sqrt 2)), not the tanh approximation; value and gradient
+    against float64, over the range where activations live (and far tails)."""
+    from scipy.special import erf
+    x = np.concatenate([np.linspace(-12, 12, 4001), [-40.0, 40.0]]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = 0.5 * x64 * (1 + erf(x64 / np.sqrt(2)))
+    want_grad = 0.5 * (1 + erf(x64 / np.sqrt(2))) + x64 * np.exp(-x64 ** 2 / 2) / np.sqrt(2 * np.pi)
+    got, grad = jax.vmap(jax.value_and_grad(gelu))(jnp.asarray(x))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=2e-6, atol=2e-6)
+    assert float(jnp.max(jnp.abs(got - jax.nn.gelu(jnp.asarray(x), approximate=True)))) > 1e-4  # not tanh
 
 
 @pytest.mark.parametrize("groups", [1, 4])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lib import sharding
@@ -24,8 +25,11 @@ STAR_MODES = ("mul", "sum")
 
 
 def gelu(x):
-    """Exact (erf) GELU, as ``torch.nn.GELU()``; jax's default is the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, as ``torch.nn.GELU()``: ``0.5 * x * (1 + erf(x / sqrt(2)))``, PyTorch's own
+    formula. (jax's default is the tanh approximation; ``jax.nn.gelu(approximate=False)`` computes
+    ``erfc`` instead, as accurate here but 2.6x slower on XLA:CPU: 15 vs 5.8 ms forward, 24 vs 16 ms
+    with its gradient, on a 32x56x56x192 map.)"""
+    return 0.5 * x * (1 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 def star(a: jax.Array, b: jax.Array, mode: str = "mul") -> jax.Array:
