@@ -98,6 +98,13 @@ def test_gelu_is_exact_erf_gelu():
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=2e-6, atol=2e-6)
     assert float(jnp.max(jnp.abs(got - jax.nn.gelu(jnp.asarray(x), approximate=True)))) > 1e-4  # not tanh
+    # bfloat16 in, bfloat16 out, computed in float32: the negative tail keeps its value
+    x_bf16 = jnp.asarray(x, jnp.bfloat16)
+    x64 = np.asarray(x_bf16, np.float64)
+    got_bf16 = gelu(x_bf16)
+    assert got_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got_bf16, np.float64), 0.5 * x64 * (1 + erf(x64 / np.sqrt(2))),
+                               rtol=2 ** -8, atol=1e-6)
 
 
 @pytest.mark.parametrize("groups", [1, 4])
