@@ -213,7 +213,7 @@ def save_weights(model: nnx.Module, path: str | Path) -> Path:
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new directory for the weights")
     manifest = _frozen_manifest(model)
-    state = nnx.state(model, _STORED).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(model, _STORED))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, state)
         ckptr.wait_until_finished()
@@ -264,8 +264,8 @@ def load_weights(model: nnx.Module, path: str | Path, *, mesh: Mesh | None = Non
             placed = getattr(v.get_value(), "sharding", None)
             return placed if isinstance(placed, jax.sharding.Sharding) else one
         shardings = jax.tree.map(current, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                          state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+    target = nnx.to_pure_dict(jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                                           state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     with ocp.StandardCheckpointer() as ckptr:
         try:
             restored = ckptr.restore(path, target)
