@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from lib import sharding
 from lib.convert import torch_to_nnx
 from lib.convert.torch_to_nnx import ConversionReport, WeightConversionError  # noqa: F401 (re-export)
+from lib.layers import masked
 
 # Project modules whose import registers models. A new paper adds its models module here.
 _PROJECT_MODULES = ("projects.starnet.models", "projects.efficientmod.models", "projects.coc.models",
@@ -181,17 +182,11 @@ def load_torch_weights(model: nnx.Module, source: str | Path | Mapping[str, Any]
 _FROZEN_MANIFEST = "frozen_weights.json"
 
 
-def _stored_frozen(path, value) -> bool:
-    from lib.layers import masked
-    return isinstance(value, masked.FrozenWeight) and not masked.is_regenerable(path, value)
-
-
-_STORED = (nnx.Param, nnx.BatchStat, _stored_frozen)
+_STORED = (nnx.Param, nnx.BatchStat, masked.is_stored_frozen)
 
 
 def _frozen_manifest(model: nnx.Module) -> dict:
     """The manifest of ``model``'s regenerable frozen weights ({} when it has none)."""
-    from lib.layers import masked
     regenerable = nnx.state(model, masked.is_regenerable)
     if not jax.tree.leaves(regenerable):
         return {}
@@ -249,11 +244,10 @@ def load_weights(model: nnx.Module, path: str | Path, *, mesh: Mesh | None = Non
     if not path.exists():
         raise FileNotFoundError(f"weights directory not found: {path}")
     manifest_file = path / _FROZEN_MANIFEST
-    current = _frozen_manifest(model)
-    if current or manifest_file.exists():   # before anything is restored: a mismatch changes nothing
-        from lib.layers import masked
+    regenerated = _frozen_manifest(model)
+    if regenerated or manifest_file.exists():   # before anything is restored: a mismatch changes nothing
         saved = json.loads(manifest_file.read_text()) if manifest_file.exists() else {}
-        masked.check_frozen_manifest(saved, current, where="weights directory")
+        masked.check_frozen_manifest(saved, regenerated, where="weights directory")
     graphdef, state, rest = nnx.split(model, _STORED, ...)
     if mesh is not None:
         shardings = sharding.state_shardings(state, mesh, sharding_rules)

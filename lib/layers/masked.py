@@ -347,6 +347,11 @@ def is_regenerable(path, value) -> bool:
     return isinstance(value, FrozenWeight) and value.get_metadata().get("source") is not None
 
 
+def is_stored_frozen(path, value) -> bool:
+    """nnx filter: a FrozenWeight that cannot be regenerated (Mask Fine-Tuning's), so it is stored."""
+    return isinstance(value, FrozenWeight) and not is_regenerable(path, value)
+
+
 def split_regenerable(tree: dict) -> tuple[dict, dict]:
     """Split a train-state dict into (what a checkpoint stores, the regenerable frozen weights).
 
