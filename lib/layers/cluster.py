@@ -82,10 +82,18 @@ def adaptive_avg_pool(x: jax.Array, output_size) -> jax.Array:
     """
     if x.ndim != 4:
         raise ValueError(f"adaptive_avg_pool expects NHWC [batch, height, width, channels], got {x.shape}")
-    (p, q), (h, w) = _pair(output_size), x.shape[1:3]
-    sums = _pool_sums(_pool_sums(x.astype(_at_least_f32(x.dtype)), 1, p), 2, q)
-    counts = _bin_counts(h, p)[:, None] * _bin_counts(w, q)[None, :]
-    return (sums / counts[None, :, :, None].astype(sums.dtype)).astype(x.dtype)
+    return _bin_means(x.astype(_at_least_f32(x.dtype)), (1, 2), _pair(output_size)).astype(x.dtype)
+
+
+def _bin_means(x: jax.Array, axes: tuple[int, int], bins: tuple[int, int]) -> jax.Array:
+    """Means of ``x`` over the adaptive bins of two axes (rows, then columns): PyTorch's adaptive
+    average pooling of those axes, as static-slice sums divided by each bin's area."""
+    (row_axis, col_axis), (p, q) = axes, bins
+    sums = _pool_sums(_pool_sums(x, row_axis, p), col_axis, q)
+    shape = [1] * x.ndim
+    shape[row_axis], shape[col_axis] = p, q
+    areas = _bin_counts(x.shape[row_axis], p)[:, None] * _bin_counts(x.shape[col_axis], q)[None, :]
+    return sums / areas.reshape(shape).astype(sums.dtype)
 
 
 def _pool_sums(x: jax.Array, axis: int, bins: int) -> jax.Array:
@@ -276,8 +284,7 @@ class Cluster(nnx.Module):
         xr = x.astype(acc).reshape(b, fr, hr, fc, wr, cin)
 
         # Centers [b, fr, fc, E, M, D] from the pooled input (bins as in adaptive_avg_pool).
-        counts = (_bin_counts(hr, p)[:, None] * _bin_counts(wr, q)[None, :]).reshape(p, 1, q, 1)
-        pooled = _pool_sums(_pool_sums(xr, 2, p), 4, q) / counts.astype(acc)        # [b, fr, p, fc, q, C]
+        pooled = _bin_means(xr, (2, 4), (p, q))                                      # [b, fr, p, fc, q, C]
 
         def center_layout(y):                                        # [b, fr, p, fc, q, E*D] ->
             y = y.reshape(b, fr, p, fc, q, e, d).transpose(0, 1, 3, 5, 2, 4, 6)
