@@ -228,7 +228,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
     from flax import nnx
 
     from lib import sharding, zoo
-    from lib.train import step as step_lib
+    from lib.train import optim, step as step_lib
 
     info = zoo.model_info(model_name)
     if len(info.input_size) == 3:
@@ -281,7 +281,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
             return compiled(state, images)
     else:
         model.train()
-        tx = step_lib.make_optimizer(lambda s: 1e-3)
+        tx = optim.make_optimizer(lambda s: 1e-3)
         graphdef, state = step_lib.init_train_state(model, tx, ema=False)
         del model
         cfg = step_lib.StepConfig(num_classes=args.num_classes, label_smoothing=0.1)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from lib import data, zoo
-from lib.train import distill, loop, step as step_lib
+from lib.train import distill, loop, optim, step as step_lib
 from tests.test_train import tiny_config
 
 
@@ -45,7 +45,7 @@ def test_distillation_config_errors():
 def _demonet_step(alpha, lr, *, teacher=False, teacher_logits=None):
     """One SGD step of the tiny DemoNet (LayerNorm only: train and eval mode compute the same)."""
     model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
-    tx = step_lib.make_optimizer(lambda s: lr, name="sgd", weight_decay=0.0)
+    tx = optim.make_optimizer(lambda s: lr, name="sgd", weight_decay=0.0)
     cfg = step_lib.StepConfig(num_classes=10, distill=distill.Distillation(alpha, 1.0) if alpha else None)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.standard_normal((8, 16, 16, 3)), jnp.float32),
@@ -87,7 +87,7 @@ def test_precomputed_teacher_logits_equal_a_live_teacher():
     logits = other(batch["image"])
     from_logits, m1, _, _ = _demonet_step(0.5, 0.1, teacher_logits=logits)
     model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
-    tx = step_lib.make_optimizer(lambda s: 0.1, name="sgd", weight_decay=0.0)
+    tx = optim.make_optimizer(lambda s: 0.1, name="sgd", weight_decay=0.0)
     graphdef, state = step_lib.init_train_state(model, tx, ema=False)
     train = step_lib.make_train_step(graphdef, tx, step_lib.StepConfig(num_classes=10, distill=distill.Distillation(0.5)),
                                      base_key=jax.random.key(0), state_shardings=None, batch_shardings=None,

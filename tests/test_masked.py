@@ -16,7 +16,7 @@ from flax import nnx
 from lib.layers import masked
 from lib.layers.conv import Conv, conv2d
 from lib.layers.linear import Linear
-from lib.train import checkpoint, step as step_lib
+from lib.train import checkpoint, optim, step as step_lib
 from projects.pemn.models import ConvMixer
 from projects.starnet.models import StarNet
 
@@ -228,7 +228,7 @@ def _tiny_pemn(**kw):
 def test_frozen_weights_get_no_gradient_and_no_optimizer_state():
     model = _tiny_pemn(weight_strategy="rp", rp_ratio=1e-2)
     frozen_before = jax.tree.map(np.asarray, nnx.state(model, masked.FrozenWeight))
-    tx = step_lib.make_optimizer(optax.constant_schedule(1e-2), weight_decay=5e-3)
+    tx = optim.make_optimizer(optax.constant_schedule(1e-2), weight_decay=5e-3)
     graphdef, state = step_lib.init_train_state(model, tx, ema=False)
     param_names = {p[-1] for p, _ in nnx.to_flat_state(state["params"])}
     assert param_names == {"scores", "scale", "bias"}                  # scores + BatchNorm affine only
@@ -250,7 +250,7 @@ def test_frozen_weights_get_no_gradient_and_no_optimizer_state():
 
 
 def test_checkpoints_leave_out_regenerable_weights_and_check_them(tmp_path, tiny_starnet):
-    tx = step_lib.make_optimizer(optax.constant_schedule(1e-2))
+    tx = optim.make_optimizer(optax.constant_schedule(1e-2))
     _, state = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=3), tx, ema=False)
     ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False)
     ckpt.save(1, state, force=True)

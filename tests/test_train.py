@@ -18,7 +18,7 @@ from flax import nnx
 from configs import common
 from configs.starnet import digits, imagenet
 from lib import sharding, zoo
-from lib.train import checkpoint, loop, schedules, step as step_lib
+from lib.train import checkpoint, loop, optim, schedules, step as step_lib
 
 FSDP_RULES = (("batch", "data"), ("out_channels", "data"), ("classes", "data"))
 
@@ -78,7 +78,7 @@ def _one_step(mesh=None, rules=sharding.DEFAULT_RULES, bn_groups=1):
             if hasattr(m, "batch_groups"):
                 m.batch_groups = bn_groups
     # SGD: linear in the gradient. Adam's first step g/|g| would amplify round-off in near-zero gradients.
-    tx = step_lib.make_optimizer(lambda s: 1e-2, name="sgd")
+    tx = optim.make_optimizer(lambda s: 1e-2, name="sgd")
     graphdef, state = step_lib.init_train_state(model, tx, ema=True)
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((16, 16, 16, 3)).astype(np.float32),
@@ -158,7 +158,7 @@ def test_per_shard_batchnorm_differs_from_global_and_matches_grouped_reference(s
 
 def test_grad_accumulation_equals_one_large_batch():
     model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
-    tx = step_lib.make_optimizer(lambda s: 1e-2, name="sgd")
+    tx = optim.make_optimizer(lambda s: 1e-2, name="sgd")
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
              "label": rng.integers(0, 10, 8).astype(np.int32)}
@@ -176,7 +176,7 @@ def test_grad_accumulation_equals_one_large_batch():
 def test_checkpoint_restores_onto_another_mesh_and_a_single_device(tmp_path):
     mesh = sharding.make_mesh()
     model = sharding.shard_model(zoo.create_model("test_starnet_tiny", num_classes=16, rngs=0), mesh, FSDP_RULES)
-    tx = step_lib.make_optimizer(lambda s: 1e-2)
+    tx = optim.make_optimizer(lambda s: 1e-2)
     _, state = step_lib.init_train_state(model, tx, ema=False)
     ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")
     ckpt.save(5, state)

@@ -29,7 +29,7 @@ from flax import nnx
 from lib import data, sharding, zoo
 from lib.layers.conv import set_conv_impl
 from lib.layers.norm import BatchNorm
-from lib.train import checkpoint, distill as distill_lib, schedules, step as step_lib
+from lib.train import checkpoint, distill as distill_lib, optim, schedules, step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     schedule = schedules.make_schedule(
         lr=config.lr, min_lr=config.min_lr, epochs=config.total_epochs, steps_per_epoch=steps_per_epoch,
         warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr, per_epoch=config.schedule_per_epoch)
-    tx = step_lib.make_optimizer(schedule, name=config.optimizer, weight_decay=config.wd,
+    tx = optim.make_optimizer(schedule, name=config.optimizer, weight_decay=config.wd,
                                  grad_clip=config.get("grad_clip"), momentum=config.get("momentum", 0.9))
     graphdef, state = step_lib.init_train_state(model, tx, ema=config.ema_decay > 0)
     state_shardings = step_lib.shardings_of(state)

@@ -168,20 +168,3 @@ def make_eval_step(graphdef, *, state_shardings=None, batch_shardings=None):
     if state_shardings is None:
         return jax.jit(evaluate)
     return jax.jit(evaluate, in_shardings=(state_shardings["params"], state_shardings["rest"], batch_shardings))
-
-
-def make_optimizer(schedule: optax.Schedule, *, name: str = "adamw", weight_decay: float = 0.05,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, momentum: float = 0.9,
-                   grad_clip: float | None = None) -> optax.GradientTransformation:
-    """AdamW (or SGD with momentum) with weight decay off for 1-D params (biases, norms, layer scales),
-    as timm's ``param_groups_weight_decay``; optional global-norm clipping."""
-    def decay_mask(params):
-        return jax.tree.map(lambda p: p.ndim > 1, params)
-    if name == "adamw":
-        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
-    elif name == "sgd":  # torch SGD: decay added to the gradient before momentum
-        opt = optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
-                          optax.sgd(schedule, momentum=momentum))
-    else:
-        raise ValueError(f"unknown optimizer {name!r}; expected 'adamw' or 'sgd'")
-    return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip else opt

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from lib import zoo
-from lib.train import schedules, step as step_lib
+from lib.train import optim, schedules, step as step_lib
 
 
 def moons(n_samples: int = 100, noise: float = 0.4, random_state: int = 0):
@@ -38,7 +38,7 @@ def train(mode: str = "mul", *, seed: int = 0, epochs: int = 30, batch_size: int
     def schedule(step):  # CosineAnnealingLR(T_max=epochs, eta_min=min_lr), stepped per epoch
         return schedules.cosine_lr(jnp.floor(step / steps_per_epoch), lr=lr, min_lr=min_lr, epochs=epochs)
 
-    tx = step_lib.make_optimizer(schedule, name="sgd", weight_decay=wd, momentum=momentum)
+    tx = optim.make_optimizer(schedule, name="sgd", weight_decay=wd, momentum=momentum)
     graphdef, state = step_lib.init_train_state(model, tx, ema=False)
     cfg = step_lib.StepConfig(num_classes=2, label_smoothing=label_smoothing)
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, cfg, base_key=jax.random.key(seed),
