@@ -80,10 +80,12 @@ def imagenet_config(*, model: str, batch_size: int, lr: float, min_lr: float, au
 
     Shared: AdamW wd 0.05 (no decay on 1-D parameters), 300 epochs cosine + 5 warmup epochs from
     1e-6 (laid over the cosine) + 10 cooldown epochs at ``min_lr``, stepped per epoch; random train
-    interpolation, RandomErasing 0.25, mixup 0.8, label smoothing 0.1; eval at 224, bicubic.
+    interpolation, RandomErasing 0.25, mixup 0.8, label smoothing 0.1; seed 42 (the scripts'
+    default); eval at 224, bicubic.
     ``runlocal``: a few steps on a laptop (tiny batches, 64x64 images).
     """
     c = base_config()
+    c.seed = 42                               # timm train.py's --seed default, which no recipe overrides
     c.model.name = model
     c.num_classes = 1000
     c.input.dataset = "tfds"

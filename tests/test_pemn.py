@@ -155,3 +155,13 @@ def test_digits_config():
     assert digits.get_config("model=vit,image_size=16").model.kwargs.img_size == 16
     with pytest.raises(ValueError, match="unknown strategy"):
         digits.get_config("strategy=clone")
+
+
+def test_dense_twin_has_the_official_regular_convmixer_parameters():
+    """PEMN's ``--model_type regular`` ConvMixer: every conv and the head ``bias=False`` (the
+    depthwise convs included), PyTorch's default init, affine BatchNorms."""
+    dense = nnx.eval_shape(lambda: ConvMixer(32, 2, num_classes=10, masked=False, rngs=nnx.Rngs(0)))
+    params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(dense, nnx.Param))}
+    assert not [p for p in params if p.endswith("bias") and "bn" not in p]
+    # stem 3*4*32 (2x2 patches), 2 x (depthwise 25*32 + pointwise 32*32), head 32*10, 5 BatchNorms
+    assert sum(int(np.prod(v.shape)) for v in params.values()) == 384 + 2 * (800 + 1024) + 320 + 5 * 2 * 32

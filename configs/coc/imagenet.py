@@ -23,7 +23,6 @@ def get_config(arg=None):
     c = common.imagenet_config(model=f"coc_{arg.variant}", batch_size=arg.batch, lr=1e-3 * arg.batch / 1024,
                                min_lr=1e-6, auto_augment="rand-m9-mstd0.5-inc1", cutmix_alpha=1.0, crop_pct=0.9,
                                runlocal=arg.runlocal)
-    c.seed = 42
     c.model.kwargs.drop_path_rate = arg.drop_path
     if arg.runlocal:  # 64x64 = 16 points per side: fold stage 0 only
         c.model.kwargs.fold = (2, 1, 1, 1)

@@ -5,6 +5,11 @@
 ``strategy``: ``dense`` (ordinary trainable network), ``mask`` (masks on i.i.d. random weights),
 ``one_layer``, ``mp`` or ``rp`` (with ``ratio`` r and ``tiling`` copy/rand). ``model``: ``convmixer``
 or ``vit`` of ``width``/``depth``. ``seed`` seeds everything, the frozen weights included.
+
+As PEMN's ``src/convmixer/train.py``: AdamW over every trainable parameter (the BatchNorm affines
+are decayed too: ``decay_1d_params``), plain cross-entropy (no label smoothing, no mixup). The
+batch, epochs, augmentation and the schedule (cosine here; upstream a per-step linear ramp
+0 -> lr at 2/5 of the epochs -> lr/20 at 4/5 -> 0) are the digits adaptation (README table).
 """
 from configs import common
 
@@ -23,6 +28,8 @@ def get_config(arg=None):
                              epochs=arg.epochs, lr=1e-2, warmup_epochs=1, runlocal=arg.runlocal)
     c.seed = arg.seed
     c.wd = 5e-3
+    c.decay_1d_params = True               # torch.optim.AdamW(model.parameters()): no exempt group
+    c.label_smoothing = 0.0                # nn.CrossEntropyLoss()
     kwargs = dict(masked=arg.strategy != "dense", weight_seed=arg.seed)
     if arg.strategy != "dense":
         kwargs.update(keep=arg.keep, weight_strategy="iid" if arg.strategy == "mask" else arg.strategy,

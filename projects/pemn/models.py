@@ -24,7 +24,7 @@ from flax import nnx
 from lib import sharding, zoo
 from lib.layers import initializers, prototypes
 from lib.layers.backbone import check_image_batch
-from lib.layers.conv import Conv, depthwise_conv
+from lib.layers.conv import Conv
 from lib.layers.linear import Linear
 from lib.layers.masked import MaskedConv, MaskedLinear, masked_depthwise_conv
 from lib.layers.norm import BatchNorm, LayerNorm
@@ -55,7 +55,8 @@ class _LayerFactory:
         if self.masked:
             return masked_depthwise_conv(channels, k, **self._placeholder((k, k, 1, channels)), **self.mask_kw,
                                          **self.kw)
-        return depthwise_conv(channels, k, **self.kw)   # (keeps a bias: Conv's default)
+        # PEMN's regular ConvMixer: nn.Conv2d(dim, dim, k, groups=dim, padding="same", bias=False)
+        return Conv(channels, channels, k, padding=k // 2, groups=channels, **self.mask_kw, **self.kw)
 
     def linear(self, cin, cout, out_axis="out_channels"):
         if self.masked:
