@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lib import zoo
+from lib.layers import initializers
 from lib.layers.backbone import check_image_batch, run_stage
 from lib.layers.conv import Conv, ConvBN
 from lib.layers.drop import drop_path_rates
@@ -123,15 +124,27 @@ class DemoNet2D(nnx.Module):
     """The 2-D toy of the paper (``2D_visual/demonet_2d.py``): points ``[B, 2]`` -> logits.
 
     Linear(2, width) stem, ``depth`` ToyStarBlocks, LayerNorm, Linear(width, num_classes).
+
+    ``init``: ``"trunc_normal"`` (default) is the official ``_init_weights``: every Linear
+    (stem, each block's f and g, head) trunc_normal(std 0.02, timm's absolute bounds +-2) with zero
+    bias; LayerNorms at weight 1, bias 0. ``"torch"`` keeps PyTorch's default Linear init instead.
     """
 
     def __init__(self, width: int = 100, depth: int = 4, mode: str = "mul", num_classes: int = 2,
-                 *, rngs: nnx.Rngs):
+                 *, init: str = "trunc_normal", rngs: nnx.Rngs):
+        if init not in initializers.INIT_SCHEMES:
+            raise ValueError(f"unknown init scheme {init!r}; expected one of {initializers.INIT_SCHEMES}")
         self.num_classes = num_classes
-        self.stem = Linear(2, width, init="torch", rngs=rngs)
+        self.stem = Linear(2, width, init=init, rngs=rngs)
         self.blocks = nnx.List([ToyStarBlock(width, mode, rngs=rngs) for _ in range(depth)])
+        if init != "torch":  # ToyStarBlock builds its Linears with the torch default: redraw them
+            for block in self.blocks:
+                for layer in (block.f, block.g):
+                    kernel_init, bias_init = initializers.kernel_and_bias_init(init, layer.in_features)
+                    layer.kernel[...] = kernel_init(rngs.params(), layer.kernel.shape, layer.kernel.dtype)
+                    layer.bias[...] = bias_init(rngs.params(), layer.bias.shape, layer.bias.dtype)
         self.norm = LayerNorm(width)
-        self.head = Linear(width, num_classes, init="torch", out_axis="classes", rngs=rngs)
+        self.head = Linear(width, num_classes, init=init, out_axis="classes", rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 2 or x.shape[-1] != 2:
