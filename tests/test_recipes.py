@@ -1,7 +1,10 @@
 """Training recipes against the official scripts (README "Training recipes against the official
 scripts"): config values, weight-decay groups and initial weights that the forward-pass parity
 tests cannot see."""
+import re
+
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -105,3 +108,61 @@ def test_decay_mask_exempts_exactly_the_timm_no_decay_group(name):
     assert all(params[p].ndim == 1 for p in exempt)
     assert {p.rsplit("/", 1)[-1] for p in mask if mask[p]} == {"kernel"}           # conv + linear weights
     assert all(jax.tree.leaves(optim.decay_mask(_abstract_params(name), decay_1d_params=True)))
+
+
+# ------------------------------------------------------------------------------------------------
+# initial weights (training from scratch)
+# ------------------------------------------------------------------------------------------------
+def _torch_default(kernel, bias):
+    """PyTorch's nn.Conv2d / nn.Linear default: kernel and bias U(+-1/sqrt(fan_in))."""
+    bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+    for w in (kernel, bias):
+        if w is not None:
+            assert 0.8 * bound < np.abs(w).max() <= bound * (1 + 1e-6), (w.shape, bound)  # float32 draws
+
+
+def _trunc_normal(kernel, bias):
+    """The models' ``_init_weights``: trunc_normal(std .02) (absolute bounds +-2), zero bias."""
+    assert kernel.std() == pytest.approx(0.02, rel=0.15) and abs(kernel.mean()) < 0.004, kernel.shape
+    assert bias is None or not np.any(bias)
+
+
+# model: (layer-scale leaf, its upstream init, whether convs keep torch's default, path regex of
+# the 2-D kernels that do too: CoC's cluster f / v / proj are 1x1 nn.Conv2d upstream)
+INIT = {"starnet_s050": (None, None, True, None),
+        "efficientmod_xxs": ("gamma_1", 1e-4, True, None),
+        "coc_tiny": ("layer_scale_1", 1e-5, True, r"token_mixer/(f|v|proj)$"),
+        "demonet": ("gamma", 1e-6, False, None)}
+
+
+@pytest.mark.parametrize("name", sorted(INIT))
+def test_initial_weights_follow_the_upstream_init_weights(name):
+    """Convs (and CoC's 1x1 cluster convs) keep PyTorch's default init, as upstream's
+    ``isinstance(m, nn.Linear or nn.Conv2d)`` only matches nn.Linear (DemoNet uses the tuple, so its
+    convs are trunc_normal too); linears incl. the classifier trunc_normal(.02) with zero bias;
+    norms 1 / 0; layer scales at the upstream value."""
+    if name == "demonet":
+        from projects.starnet.models import DemoNet
+        model = DemoNet(64, 2, "mul", rngs=nnx.Rngs(0))
+    elif name.startswith("starnet"):
+        from projects.starnet.models import STARNET_VARIANTS, StarNet
+        model = StarNet(*STARNET_VARIANTS[name], rngs=nnx.Rngs(0))
+    elif name.startswith("efficientmod"):
+        from projects.efficientmod.models import EfficientMod, variant_kwargs
+        model = EfficientMod(**variant_kwargs(name), rngs=nnx.Rngs(0))
+    else:
+        from projects.coc.models import COC_VARIANTS, ContextCluster
+        model = ContextCluster(**COC_VARIANTS[name], rngs=nnx.Rngs(0))
+    params = {k: np.asarray(v, np.float64) for k, v in _paths(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+    scale_leaf, scale_init, torch_convs, torch_2d = INIT[name]
+    layers = {p.rsplit("/", 1)[0] for p in params if p.endswith("/kernel")}
+    assert "head/fc" in layers
+    for layer in layers:
+        kernel = params[layer + "/kernel"]
+        torch_init = (torch_convs and kernel.ndim == 4) or bool(torch_2d and re.search(torch_2d, layer))
+        (_torch_default if torch_init else _trunc_normal)(kernel, params.get(layer + "/bias"))
+    norms = {p.rsplit("/", 1)[0] for p in params if p.endswith("/scale")}
+    assert norms and all(np.all(params[n + "/scale"] == 1) and not np.any(params[n + "/bias"]) for n in norms)
+    if scale_leaf:
+        scales = [v for p, v in params.items() if p.endswith("/" + scale_leaf)]
+        assert scales and all(np.allclose(v, scale_init, rtol=1e-6) for v in scales)
