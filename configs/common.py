@@ -37,8 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults for :func:`lib.train.loop.run`; recipes override what they need."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.task = "classification"                # lib.tasks: what the run optimises and measures
     c.model = ml_collections.ConfigDict(dict(name="starnet_s1", kwargs=ml_collections.ConfigDict()))
     c.num_classes = 1000
+    c.trainable = ()                          # path regexes narrowing what is trained (empty: all parameters)
     c.input = data.default_input_config()
     c.input.batch_size = 2048                 # global batch, over all processes and devices
     c.mesh = [("data", -1)]                   # data parallel over every device
@@ -55,11 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.wd = 0.05
     c.momentum = 0.9                          # SGD only
     c.grad_clip = ml_collections.config_dict.placeholder(float)
+    c.decay_1d_params = False                 # True: weight decay on biases and norms too (torch SGD over all params)
     c.grad_accum_steps = 1
     c.label_smoothing = 0.1
     c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5))
     c.ema_decay = 0.0
-    # Soft distillation (lib.train.distill): a zoo teacher (+ weights) or precomputed logits; off when both empty.
+    # Soft distillation (lib.tasks.distillation): a zoo teacher (+ weights) or precomputed logits; off when both empty.
     c.distill = ml_collections.ConfigDict(dict(teacher="", teacher_weights="", teacher_logits="", alpha=0.9, tau=1.0))
     c.log_every = 50
     c.eval_every = 0                          # 0: only at the end
@@ -67,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.init_from = ml_collections.config_dict.placeholder(str)
     c.init_from_ema = False                   # take a PyTorch training checkpoint's state_dict_ema
+    c.init_from_reinit = r"^head"             # keys init_from may lack or mis-shape (a classifier for other classes)
     c.eval_only = False
     c.compute_dtype = "float32"               # "bfloat16": mixed precision (params, norms, losses stay float32)
     c.conv_impl = "auto"                      # "auto" | "xla" | "fast": see lib.layers.conv.set_conv_impl

@@ -100,6 +100,11 @@ def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT
     return NamedSharding(mesh, P(axis, *([None] * (ndim - 1))))
 
 
+def batch_shardings(mesh: Mesh, rules: Sequence[tuple[str, str | None]], batch):
+    """Shardings of any batch pytree: each array's leading dimension over the mesh axis of ``batch``."""
+    return jax.tree.map(lambda x: batch_sharding(mesh, rules, np.ndim(x)), batch)
+
+
 def shard_model(model, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES):
     """Move an existing (concrete) model's state onto ``mesh`` per ``rules``, in place; returns it.
 

@@ -80,11 +80,11 @@ def test_digits_pipeline_shapes_dtypes_labels():
     batch = next(iter(train))
     assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
     assert batch["label"].dtype == np.int32 and batch["label"].min() >= 0 and batch["label"].max() < 10
-    np.testing.assert_array_equal(batch["mask"], np.ones(32, np.float32))
+    np.testing.assert_array_equal("valid" not in batch, True)
     assert np.isfinite(batch["image"]).all()
     val = data.make_pipeline(cfg, train=False, batch_size=128, seed=0, process_index=0, process_count=1)
     assert (val.num_examples, len(val)) == (300, 3)
-    assert sum(b["mask"].sum() for b in val) == 300
+    assert sum(b["valid"].sum() for b in val) == 300
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def test_process_shards_are_disjoint_and_cover_the_split():
     for p in range(2):
         pipe = data.make_pipeline(cfg, train=False, batch_size=4, seed=0, process_index=p, process_count=2,
                                   source=src)
-        labels = np.concatenate([b["label"][b["mask"] > 0] for b in pipe])
+        labels = np.concatenate([b["label"][b["valid"] > 0] for b in pipe])
         assert len(pipe) == 3   # ceil(ceil(21 / 2) / 4) on both processes
         seen.append(set(labels.tolist()))
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(21))
@@ -142,15 +142,15 @@ def test_resume_from_iterator_state_gives_identical_batches():
     assert not np.array_equal(first["image"][0], second["image"][j])
 
 
-def test_eval_pass_is_ordered_and_padded_with_mask():
+def test_eval_pass_is_ordered_and_padded_with_a_validity_mask():
     cfg, src = small_cfg(), IndexSource(10)
     pipe = data.make_pipeline(cfg, train=False, batch_size=4, seed=0, process_index=0, process_count=1,
                               source=src)
     batches = list(pipe)
     assert len(batches) == len(pipe) == 3 and pipe.num_examples == 10
     assert all(b["image"].shape == (4, 16, 16, 3) for b in batches)
-    mask = np.concatenate([b["mask"] for b in batches])
-    np.testing.assert_array_equal(mask, [1] * 10 + [0] * 2)
+    valid = np.concatenate([b["valid"] for b in batches])
+    np.testing.assert_array_equal(valid, [1] * 10 + [0] * 2)
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[:10], np.arange(10))
     np.testing.assert_array_equal(batches[-1]["image"][2:], 0.0)
     assert_batches_equal(batches, list(pipe))   # a second pass is identical
@@ -254,7 +254,7 @@ def test_eval_resize_and_center_crop(size, crop_pct, resized):
     scaled = transforms.resize_shorter_side(img, resized)
     assert scaled.size == (int(resized * 400 / 300), resized)
     out = transforms.EvalTransform(size, crop_pct)({"image": np.asarray(img), "label": 3})
-    assert out["image"].shape == (size, size, 3) and out["label"] == 3 and out["mask"] == 1
+    assert out["image"].shape == (size, size, 3) and out["label"] == 3 and "valid" not in out
     with pytest.raises(ValueError):
         transforms.eval_resize_size(224, 0.0)
 
@@ -284,81 +284,6 @@ def test_to_pil_accepts_grey_rgba_and_encoded_bytes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Mixup / CutMix
-
-@pytest.fixture(autouse=True)
-def _allow_transfers():
-    # These checks compare device results with numpy on purpose; a conftest may set
-    # jax_transfer_guard='disallow' for the rest of the suite.
-    with jax.transfer_guard("allow"):
-        yield
-
-
-# Jitted once per hyper-parameter set (they are static): eager dispatch of the many small ops
-# would dominate the test time.
-mix = jax.jit(data.mixup_cutmix, static_argnames=("num_classes", "mixup_alpha", "cutmix_alpha", "prob",
-                                                  "switch_prob", "label_smoothing"))
-
-
-def _constant_batch(b=8, h=16, w=16):
-    # Example i is the constant image i, with label i: pixel values reveal where they came from.
-    images = jnp.broadcast_to(jnp.arange(b, dtype=jnp.float32)[:, None, None, None], (b, h, w, 3))
-    return images, jnp.arange(b)
-
-
-def test_mixup_cutmix_targets_and_identity():
-    images, labels = _constant_batch()
-    same, targets = mix(jax.random.key(0), images, labels, num_classes=10, mixup_alpha=0.0, cutmix_alpha=0.0,
-                        label_smoothing=0.1)
-    np.testing.assert_array_equal(same, images)
-    np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(targets[0, 0], 1 - 0.1 + 0.01, rtol=1e-6)
-    np.testing.assert_allclose(targets[0, 1], 0.01, rtol=1e-6)
-    same, _ = mix(jax.random.key(0), images, labels, num_classes=10, prob=0.0)
-    np.testing.assert_array_equal(same, images)
-    for seed in range(5):
-        _, targets = mix(jax.random.key(seed), images, labels, num_classes=10)
-        assert targets.dtype == jnp.float32 and targets.shape == (8, 10)
-        np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
-
-
-def test_mixup_matches_its_targets():
-    images, labels = _constant_batch()
-    mixed, targets = mix(jax.random.key(1), images, labels, num_classes=8, mixup_alpha=0.8, cutmix_alpha=0.0,
-                         label_smoothing=0.0)
-    lam = targets[0, 0]
-    assert 0 < lam < 1
-    expected = lam * images + (1 - lam) * images[::-1]
-    np.testing.assert_allclose(mixed, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_cutmix_lam_is_the_unpasted_area():
-    images, labels = _constant_batch(h=20, w=24)
-    for seed in range(8):
-        mixed, targets = mix(jax.random.key(seed), images, labels, num_classes=8, mixup_alpha=0.0,
-                             cutmix_alpha=1.0, label_smoothing=0.0)
-        kept = float(jnp.mean(mixed[0] == images[0]))       # pixels of example 0 still its own
-        pasted = float(jnp.mean(mixed[0] == images[-1]))    # pixels pasted from the flipped batch
-        np.testing.assert_allclose(targets[0, 0], kept, atol=1e-6)
-        np.testing.assert_allclose(targets[0, 7], pasted, atol=1e-6)
-        np.testing.assert_allclose(kept + pasted, 1.0, atol=1e-6)
-
-
-def test_mixup_cutmix_is_jittable():
-    images, labels = _constant_batch()
-    eager = data.mixup_cutmix(jax.random.key(2), images, labels, num_classes=10)
-    jitted = mix(jax.random.key(2), images, labels, num_classes=10)
-    np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jitted[1], eager[1], rtol=1e-5, atol=1e-6)
-    kinds = set()
-    for seed in range(12):   # the on-device switch takes both branches
-        mixed, _ = mix(jax.random.key(seed), images, labels, num_classes=10)
-        # CutMix keeps some pixels exactly; mixup changes every pixel of example 0 unless lam == 1.
-        kinds.add("cutmix" if bool((mixed[0] == images[0]).any()) else "mixup")
-    assert kinds == {"cutmix", "mixup"}
-
-
-# ------------------------------------------------------------------------------------------------
 # Image folders
 
 from conftest import IMAGE_FOLDER_CLASSES as CLASSES  # noqa: E402
@@ -378,7 +303,7 @@ def test_image_folder_pipeline(image_folder):
     np.testing.assert_array_equal(np.bincount(labels, minlength=4), [40] * 4)   # one full epoch
     val = data.make_pipeline(cfg, train=False, batch_size=16, seed=0, process_index=0, process_count=1)
     assert val.num_examples == 40 and len(val) == 3
-    val_labels = np.concatenate([b["label"][b["mask"] > 0] for b in val])
+    val_labels = np.concatenate([b["label"][b["valid"] > 0] for b in val])
     np.testing.assert_array_equal(val_labels, np.repeat(np.arange(4), 10))   # sorted class order
 
 
@@ -414,7 +339,7 @@ def test_tfds_mock_data_with_random_image_shapes():
         batch = next(iter(train))
         assert batch["image"].shape == (6, 16, 16, 3) and batch["label"].max() < 1000
         val = data.make_pipeline(cfg, train=False, batch_size=5, seed=0, process_index=0, process_count=1)
-        assert sum(b["mask"].sum() for b in val) == 24 and len(val) == 5
+        assert sum(b["valid"].sum() for b in val) == 24 and len(val) == 5
         grey = data.make_pipeline(small_cfg(dataset="tfds", name="mnist"), train=False, batch_size=8, seed=0,
                                   process_index=0, process_count=1)
         assert next(iter(grey))["image"].shape == (8, 16, 16, 3)   # 28x28x1 -> RGB
@@ -425,7 +350,7 @@ def test_tfds_array_record_dataset_built_on_disk(tiny_tfds_dir):
     cfg = small_cfg(dataset="tfds", name="tiny_shapes", data_dir=str(tmp_path))
     val = data.make_pipeline(cfg, train=False, batch_size=4, seed=0, process_index=0, process_count=1)
     assert (val.num_examples, val.num_classes, len(val)) == (7, 3, 2)
-    labels = np.concatenate([b["label"][b["mask"] > 0] for b in val])
+    labels = np.concatenate([b["label"][b["valid"] > 0] for b in val])
     np.testing.assert_array_equal(np.bincount(labels, minlength=3), [3, 2, 2])
     train = data.make_pipeline(cfg, train=True, batch_size=4, seed=0, process_index=0, process_count=1)
     assert train.steps_per_epoch == 4 and next(iter(train))["image"].shape == (4, 16, 16, 3)

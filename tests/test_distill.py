@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 from lib import data, zoo
-from lib.train import distill, loop, optim, step as step_lib
+from lib.tasks import distillation as distill, losses, mixup
+from lib.tasks.classification import Classification
+from lib.train import loop, optim, step as step_lib
 from tests.test_train import tiny_config
 
 
@@ -46,21 +48,20 @@ def _demonet_step(alpha, lr, *, teacher=False, teacher_logits=None):
     """One SGD step of the tiny DemoNet (LayerNorm only: train and eval mode compute the same)."""
     model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
     tx = optim.make_optimizer(lambda s: lr, name="sgd", weight_decay=0.0)
-    cfg = step_lib.StepConfig(num_classes=10, distill=distill.Distillation(alpha, 1.0) if alpha else None)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.standard_normal((8, 16, 16, 3)), jnp.float32),
              "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
-    shardings = {k: None for k in batch}
     if teacher_logits is not None:
         batch[distill.TEACHER_LOGITS_KEY] = teacher_logits
-        shardings[distill.TEACHER_LOGITS_KEY] = None
-    teacher_model = None
+    task = Classification(10)
     if teacher:  # the student itself, as a separate copy in eval mode
         teacher_model = nnx.clone(model)
         teacher_model.eval()
-    graphdef, state = step_lib.init_train_state(model, tx, ema=False)
-    train = step_lib.make_train_step(graphdef, tx, cfg, base_key=jax.random.key(0), state_shardings=None,
-                                     batch_shardings=shardings, donate=False, teacher=teacher_model)
+        task = distill.LogitDistillation(10, distill.Distillation(alpha, 1.0), teacher=teacher_model)
+    elif alpha:
+        task = distill.LogitDistillation(10, distill.Distillation(alpha, 1.0))  # logits come with the batch
+    graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False)
+    train = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, base_key=jax.random.key(0), donate=False)
     new_state, metrics = train(state, batch)
     return new_state, metrics, model, batch
 
@@ -88,10 +89,9 @@ def test_precomputed_teacher_logits_equal_a_live_teacher():
     from_logits, m1, _, _ = _demonet_step(0.5, 0.1, teacher_logits=logits)
     model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
     tx = optim.make_optimizer(lambda s: 0.1, name="sgd", weight_decay=0.0)
-    graphdef, state = step_lib.init_train_state(model, tx, ema=False)
-    train = step_lib.make_train_step(graphdef, tx, step_lib.StepConfig(num_classes=10, distill=distill.Distillation(0.5)),
-                                     base_key=jax.random.key(0), state_shardings=None, batch_shardings=None,
-                                     donate=False, teacher=other)
+    graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False)
+    task = distill.LogitDistillation(10, distill.Distillation(0.5), teacher=other)
+    train = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, base_key=jax.random.key(0), donate=False)
     live, m2 = train(state, {"image": batch["image"], "label": batch["label"]})
     assert float(m1["distill_kl"]) > 1e-3  # a different teacher: the KL term is active
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
@@ -103,10 +103,10 @@ def test_mixup_mixes_teacher_probabilities_like_the_targets():
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((6, 8, 8, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 5, 6), jnp.int32)
-    extra = data.smoothed_one_hot(labels, 5, 0.1)
+    extra = losses.smoothed_one_hot(labels, 5, 0.1)
     for seed in range(4):
-        _, targets, mixed_extra = data.mixup_cutmix(jax.random.key(seed), images, labels, num_classes=5,
-                                                    label_smoothing=0.1, extra=extra)
+        _, targets, mixed_extra = mixup.mixup_cutmix(jax.random.key(seed), images, labels, num_classes=5,
+                                                     label_smoothing=0.1, extra=extra)
         np.testing.assert_allclose(mixed_extra, targets, rtol=1e-6)
 
 

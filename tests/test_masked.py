@@ -16,6 +16,7 @@ from flax import nnx
 from lib.layers import masked
 from lib.layers.conv import Conv, conv2d
 from lib.layers.linear import Linear
+from lib.tasks.classification import Classification
 from lib.train import checkpoint, optim, step as step_lib
 from projects.pemn.models import ConvMixer
 from projects.starnet.models import StarNet
@@ -229,9 +230,10 @@ def test_frozen_weights_get_no_gradient_and_no_optimizer_state():
     model = _tiny_pemn(weight_strategy="rp", rp_ratio=1e-2)
     frozen_before = jax.tree.map(np.asarray, nnx.state(model, masked.FrozenWeight))
     tx = optim.make_optimizer(optax.constant_schedule(1e-2), weight_decay=5e-3)
-    graphdef, state = step_lib.init_train_state(model, tx, ema=False)
+    graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False)
     param_names = {p[-1] for p, _ in nnx.to_flat_state(state["params"])}
     assert param_names == {"scores", "scale", "bias"}                  # scores + BatchNorm affine only
+    assert not nnx.to_flat_state(nnx.split_state(state["rest"], masked.FrozenWeight, ...)[0])  # not in the state
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     n_frozen = sum(x.size for x in jax.tree.leaves(frozen_before))
     adam_moments = sum(x.size for x in jax.tree.leaves(state["opt"]) if x.ndim > 0)
@@ -239,45 +241,54 @@ def test_frozen_weights_get_no_gradient_and_no_optimizer_state():
     assert n_frozen == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))
                            if x.ndim > 1)                              # one score per frozen weight
     shardings = step_lib.shardings_of(state)
-    train = step_lib.make_train_step(graphdef, tx, step_lib.StepConfig(num_classes=10), base_key=jax.random.key(0),
-                                     state_shardings=shardings, batch_shardings=None, donate=False)
+    train = step_lib.make_train_step(graphdef, tx, Classification(10), frozen=frozen, base_key=jax.random.key(0),
+                                     state_shardings=shardings, donate=False)
     batch = {"image": _normal(5, (8, 8, 8, 3)), "label": jnp.arange(8) % 10}
     new_state, metrics = train(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-    frozen_after = nnx.split_state(new_state["rest"], masked.FrozenWeight, ...)[0]
-    jax.tree.map(np.testing.assert_array_equal, frozen_after, frozen_before)
+    jax.tree.map(np.testing.assert_array_equal, frozen, frozen_before)
     assert not np.allclose(new_state["params"]["stem"]["scores"][...], state["params"]["stem"]["scores"][...])
 
 
-def test_checkpoints_leave_out_regenerable_weights_and_check_them(tmp_path, tiny_starnet):
+def test_checkpoints_leave_out_frozen_weights_and_check_them(tmp_path, tiny_starnet):
     tx = optim.make_optimizer(optax.constant_schedule(1e-2))
-    _, state = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=3), tx, ema=False)
-    ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False)
+    _, state, frozen = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=3), tx, ema=False)
+    ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False, frozen=frozen, origin={"weight_seed": 3})
     ckpt.save(1, state, force=True)
     ckpt.close()
     stored = (tmp_path / "a" / "1" / "state").rglob("*")
     saved_metadata = "".join(p.read_text(errors="ignore") for p in stored if p.is_file() and "metadata" in p.name.lower())
     assert "scores" in saved_metadata and "kernel" not in saved_metadata   # weights absent, scores present
 
-    # a model regenerated with the same recipe restores, frozen weights included
-    _, fresh = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=3), tx, ema=False)
-    ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False)
+    # a model regenerated with the same recipe restores
+    _, fresh, fresh_frozen = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=3), tx, ema=False)
+    ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False, frozen=fresh_frozen)
     restored, step = ckpt.restore_latest(fresh)
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, restored, state)
-    # another seed: a clear error, and the checkpoint is left where it is
-    _, other = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=4), tx, ema=False)
-    with pytest.raises(masked.FrozenWeightMismatch, match=r"seed 3 in the checkpoint vs 4 now"):
+    ckpt.close()
+    # another seed: a clear error naming both origins, and the checkpoint is left where it is
+    _, other, other_frozen = step_lib.init_train_state(_tiny_pemn(weight_strategy="mp", weight_seed=4), tx, ema=False)
+    ckpt = checkpoint.Checkpointer(tmp_path / "a", asynchronous=False, frozen=other_frozen, origin={"weight_seed": 4})
+    with pytest.raises(masked.FrozenWeightMismatch, match=r"(?s)seed 3 in the checkpoint vs 4 now.*'weight_seed': 3"):
         ckpt.restore_latest(other)
     assert ckpt.manager.all_steps() == [1]
     ckpt.close()
 
-    # frozen weights that cannot be regenerated (mask_model over trained weights) are stored
+    # frozen weights that cannot be regenerated (mask_model over trained weights): not stored either,
+    # but recorded by checksum; other base weights under the same scores are refused
     model = masked.mask_model(nnx.clone(tiny_starnet), "head", keep=0.9)
-    _, state = step_lib.init_train_state(model, tx, ema=False)
-    stored, regenerable = masked.split_regenerable(state)
-    assert not regenerable
-    assert nnx.to_flat_state(nnx.split_state(stored["rest"], masked.FrozenWeight, ...)[0])   # kept in the state
+    _, state, frozen = step_lib.init_train_state(model, tx, ema=False)
+    assert nnx.to_flat_state(nnx.split_state(frozen, masked.FrozenWeight, ...)[0])
+    ckpt = checkpoint.Checkpointer(tmp_path / "b", asynchronous=False, frozen=frozen)
+    ckpt.save(1, state, force=True)
+    ckpt.close()
+    other_base = masked.mask_model(StarNet(4, (1,), 1, num_classes=5, rngs=nnx.Rngs(1)), "head", keep=0.9)
+    _, other_state, other_frozen = step_lib.init_train_state(other_base, tx, ema=False)
+    ckpt = checkpoint.Checkpointer(tmp_path / "b", asynchronous=False, frozen=other_frozen)
+    with pytest.raises(masked.FrozenWeightMismatch, match="sha256"):
+        ckpt.restore_latest(other_state)
+    ckpt.close()
 
 
 def test_weights_directories_store_mft_frozen_weights_and_check_regenerated_ones(tmp_path, tiny_starnet):

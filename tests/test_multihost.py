@@ -4,7 +4,7 @@ What the data design guarantees (checked here on the pipeline directly, no JAX p
 
 * Per-process shards are disjoint and together cover the split: process ``p`` of ``P`` reads the
   strided examples ``p, p + P, ...`` (train shards cut to ``N // P`` so every process runs the same
-  number of steps; eval shards padded with ``mask`` 0 so every process runs the same number of
+  number of steps; eval shards padded with ``valid`` 0 so every process runs the same number of
   batches, and the masked sums count every validation example exactly once).
 * In general the global batch of a 2-process run is NOT the global batch of a 1-process run:
   each process shuffles its own shard with a seed derived from ``(seed, p)`` and augments each
@@ -213,7 +213,7 @@ def _ids(batch) -> list[tuple[int, bytes]]:
 
 def test_process_shards_are_disjoint_and_cover_each_split():
     cfg = _input_config(shuffle=False, scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    # Eval: padded to equal batch counts; the real (mask 1) examples of both processes are the
+    # Eval: padded to equal batch counts; the real (valid 1) examples of both processes are the
     # whole validation split, each exactly once.
     shards = []
     for p in range(2):
@@ -221,11 +221,11 @@ def test_process_shards_are_disjoint_and_cover_each_split():
                                   process_count=2)
         batches = list(pipe)
         assert len(batches) == pipe.steps_per_epoch == 19  # ceil(150 / 8), the same on both processes
-        real = [e for b in batches for e, m in zip(_ids(b), b["mask"]) if m == 1]
+        real = [e for b in batches for e, m in zip(_ids(b), b["valid"]) if m == 1]
         assert len(real) == NUM_VALIDATION // 2
         shards.append(real)
     whole = [e for b in data.make_pipeline(cfg, train=False, batch_size=GLOBAL_BATCH, seed=0, process_index=0,
-                                           process_count=1) for e, m in zip(_ids(b), b["mask"]) if m == 1]
+                                           process_count=1) for e, m in zip(_ids(b), b["valid"]) if m == 1]
     assert len(whole) == NUM_VALIDATION
     assert sorted(shards[0] + shards[1]) == sorted(whole)
     # Train, shuffled (crops of the whole image, so pixels identify an example): one epoch of each

@@ -11,7 +11,7 @@ wd 0.05, 300 epochs cosine + 5 warmup (from 1e-6, laid over the cosine) + 10 coo
 checkpoint). Drop path: the factories hard-code 0 (xxs, xs) and 0.02 (s, s_conv). Eval: 224,
 bicubic, crop_pct 0.875.
 
-Distillation (``c.distill``, implemented in ``lib.train.distill``): upstream distils every variant
+Distillation (``c.distill``, implemented in ``lib.tasks.distillation``): upstream distils every variant
 except s_conv from a RegNetY-160 with alpha 0.9 and tau 1. RegNetY-160 is not in our zoo, so
 ``teacher`` is empty by default (plain training); set ``teacher`` to a zoo model with
 ``teacher_weights`` (an official PyTorch checkpoint or a ``zoo.save_weights`` directory), or

@@ -4,7 +4,7 @@
     cfg = data.default_input_config()          # then cfg.dataset = "tfds"; cfg.name = "imagenet2012" ...
     train = data.make_pipeline(cfg, train=True, batch_size=128, seed=0)
     it = iter(train)                           # a grain DatasetIterator: it.get_state() / it.set_state()
-    batch = next(it)                           # {"image": f32 [128, H, W, 3], "label": i32 [128], "mask": f32 [128]}
+    batch = next(it)                           # {"image": f32 [128, H, W, 3], "label": i32 [128]} (+ "valid" in eval)
 
 Per process ``p`` of ``P``, the split is strided: examples ``p, p + P, p + 2P, ...``.
 
@@ -15,7 +15,7 @@ Per process ``p`` of ``P``, the split is strided: examples ``p, p + P, p + 2P, .
   re-augmented. The stream is a pure function of ``(config, seed, p, P, position)``, so restoring a
   saved iterator state resumes on exactly the batches an uninterrupted run would have seen.
 * Eval: a single ordered pass over the whole shard. Every process yields the same number of
-  full batches, ``ceil(ceil(N / P) / batch_size)``; padding examples are zeros with ``mask`` 0.
+  full batches, ``ceil(ceil(N / P) / batch_size)``; padding examples are zeros (for every key) with ``valid`` 0.
 """
 from __future__ import annotations
 
@@ -111,7 +111,10 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default) if not isinstance(cfg, dict) else cfg.get(name, default)
 
 
-def _val_split(cfg: Any) -> str:
+def split_of(cfg: Any, *, train: bool) -> str:
+    """The split a train or eval pipeline reads (eval default: "validation", or "val" for image folders)."""
+    if train:
+        return _get(cfg, "train_split", "train")
     split = _get(cfg, "val_split")
     if split:
         return split
@@ -197,22 +200,27 @@ def _finish(ds: grain.MapDataset, cfg: Any) -> grain.IterDataset:
     return it_ds
 
 
-# Per-example side data that a source may attach and the train transform carries through unchanged
-# (precomputed teacher logits for distillation, see lib.train.distill).
-TEACHER_LOGITS_KEY = "teacher_logits"
-PASSTHROUGH_KEYS = (TEACHER_LOGITS_KEY,)
+VALID_KEY = "valid"  # eval batches: 1.0 for real examples, 0.0 for the padding that fills the last batch
 
 
 class _KeepSideData:
-    """Wrap an image transform so the :data:`PASSTHROUGH_KEYS` of an example survive it."""
+    """Wrap an example transform so every key of the example that the transform does not produce
+    (side data a source attaches, e.g. a teacher's precomputed logits) passes through unchanged."""
 
     def __init__(self, transform):
         self.transform = transform
 
-    def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        out = self.transform(example, rng)
-        out.update({k: example[k] for k in PASSTHROUGH_KEYS if k in example})
-        return out
+    def __call__(self, example: dict[str, Any], *rng: np.random.Generator) -> dict[str, Any]:
+        out = self.transform(example, *rng)
+        return {**{k: v for k, v in example.items() if k not in out and k not in _CONSUMED}, **out}
+
+
+# Keys a transform turns into others (an encoded image becomes a decoded, normalised one).
+_CONSUMED = ("image", "label")
+
+
+def _mark_valid(example: dict[str, Any]) -> dict[str, Any]:
+    return {**example, VALID_KEY: np.float32(1.0)}
 
 
 class _Constant:
@@ -246,7 +254,8 @@ def make_pipeline(input_cfg: Any, *, train: bool, batch_size: int, seed: int,
 
     Returns:
       A :class:`Pipeline` yielding dicts of numpy arrays: ``image`` float32 ``[b, H, W, 3]``
-      (normalised), ``label`` int32 ``[b]`` and ``mask`` float32 ``[b]`` (0 marks eval padding).
+      (normalised), ``label`` int32 ``[b]``, any side data the source attaches, and in eval batches
+      ``valid`` float32 ``[b]`` (0 marks the padding of the last batch).
     """
     validate_config(input_cfg, batch_size=batch_size, check_dataset=source is None)
     if process_index is None or process_count is None:
@@ -257,7 +266,7 @@ def make_pipeline(input_cfg: Any, *, train: bool, batch_size: int, seed: int,
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
     cfg = input_cfg
-    split = _get(cfg, "train_split", "train") if train else _val_split(cfg)
+    split = split_of(cfg, train=train)
     if source is None:
         source = make_source(cfg, split)
     total = len(source)
@@ -295,13 +304,13 @@ def make_pipeline(input_cfg: Any, *, train: bool, batch_size: int, seed: int,
 
     transform = transforms.EvalTransform(image_size=image_size, crop_pct=float(_get(cfg, "crop_pct", 0.875)),
                                          interpolation=_get(cfg, "interpolation"), mean=mean, std=std)
-    ds = shard.map(transform)
+    ds = shard.map(_KeepSideData(transform)).map(_mark_valid)
     # Same number of batches on every process (collectives in the eval step must line up).
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
     num_padding = num_batches * batch_size - len(shard)
-    if num_padding:
-        pad = {"image": np.zeros((image_size, image_size, 3), np.float32), "label": np.int32(0),
-               "mask": np.float32(0.0)}
+    if num_padding:  # zeros shaped like a real example, whatever its keys, marked invalid
+        first = ds[0] if len(shard) else _mark_valid(_KeepSideData(transform)(source[0]))
+        pad = {k: np.zeros_like(v) for k, v in first.items()}
         ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source(_Constant(pad, num_padding))])
     ds = ds.batch(batch_size, drop_remainder=False)
     spec = DataSpec(num_examples=len(shard), batch_size=batch_size, steps_per_epoch=num_batches,

@@ -408,7 +408,7 @@ def random_erasing(x: np.ndarray, rng: np.random.Generator, *, prob: float = 0.2
 # Whole-example transforms used by the pipeline (picklable, for grain worker processes)
 
 def _as_example(image: np.ndarray, label: Any) -> dict[str, np.ndarray]:
-    return {"image": image, "label": np.int32(label), "mask": np.float32(1.0)}
+    return {"image": image, "label": np.int32(label)}
 
 
 @dataclasses.dataclass(frozen=True)

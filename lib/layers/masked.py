@@ -382,13 +382,15 @@ def _sha256(x: jax.Array) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
 
 
-def frozen_manifest(regenerable: dict) -> dict:
-    """``{"rest/path/kernel": {seed, strategy, ratio, tiling, rng_impl, partitionable, shape, sha256}}``:
-    what a checkpoint records instead of the regenerable frozen weights."""
+def frozen_manifest(parts: dict) -> dict:
+    """``{"<key>/path/kernel": {shape, dtype, sha256[, seed, strategy, ratio, tiling, rng_impl,
+    partitionable]}}`` for every leaf of the ``nnx.State`` values of ``parts``: what a checkpoint
+    records instead of frozen weights (with the :class:`WeightSource` of those regenerated from a seed)."""
     out = {}
-    for key, part in regenerable.items():
+    for key, part in parts.items():
         for path, var in nnx.to_flat_state(part):
-            entry = var.get_metadata()["source"].as_dict()
+            source = var.get_metadata().get("source") if isinstance(var, nnx.Variable) else None
+            entry = source.as_dict() if source is not None else {}
             entry.update(shape=list(var.shape), dtype=str(var.dtype), sha256=_sha256(var[...]))
             out[_path_str((key,) + tuple(path))] = entry
     return out
@@ -415,5 +417,5 @@ def check_frozen_manifest(saved: dict, current: dict, where: str = "checkpoint")
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise FrozenWeightMismatch(
             f"the frozen weights of this model differ from those the {where} was trained with (they are not "
-            f"stored, only regenerated from seed and strategy; build the model with the recorded seed, "
-            f"strategy and random-number implementation):\n  {shown}")
+            f"stored, only recorded: build the model as it was built then, with the same seed, weight "
+            f"strategy, random-number implementation and initial weights):\n  {shown}")

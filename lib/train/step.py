@@ -1,19 +1,28 @@
-"""The jitted train and eval steps: pure functions over split NNX state.
+"""The jitted train and eval steps: pure functions over split NNX state, for every task.
 
-The model is split once into ``graphdef`` (static structure) and state pytrees; the step merges
-them inside ``jax.jit``, differentiates the ``nnx.Param`` state only (taking ``jax.grad`` over a
-whole module would silently drop the BatchNorm statistic updates) and returns the new state.
-In/out shardings are explicit and the state is donated.
+The model is split once, outside ``jit``, three ways (:func:`split_model`):
+
+* ``params``: what is trained, the task's ``trainable`` filter narrowed by the config's path regexes.
+  Only these are differentiated and only these have optimizer state.
+* ``frozen``: every other ``nnx.Param`` and every ``FrozenWeight``. A non-donated input of the step:
+  never differentiated, never in optimizer state, never in checkpoints (only their manifest).
+* ``rest``: mutable non-trained state (BatchNorm statistics, RNG streams), carried through the step.
+
+The step merges them inside ``jax.jit`` (taking ``jax.grad`` over a whole module would silently drop
+the BatchNorm updates), asks the task for its loss as ``(sum, count)``, differentiates the sum and
+divides by the count of the whole batch, so gradient accumulation over micro-batches of any
+weighting (token counts) equals one large batch. In/out shardings are explicit; the state is donated.
 
 The train state is a plain dict, which is also exactly what a checkpoint holds:
-``params`` (nnx.Param), ``rest`` (BatchNorm statistics, RNG stream state), ``opt`` (optax),
-``ema`` (an EMA of params, or None), ``step`` (int32 scalar).
+``params``, ``rest``, ``opt`` (optax), ``ema`` (an EMA of params, or None), ``step`` (int32 scalar).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +30,45 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lib.train import distill as distill_lib
-from lib.train import losses
+from lib.layers.masked import FrozenWeight
+from lib.train.task import Task
+
+# What is never trained: parameters outside the trainable subset and weights that are frozen by kind.
+FROZEN = nnx.Any(nnx.Param, FrozenWeight)
 
 
 @dataclasses.dataclass(frozen=True)
-class StepConfig:
-    num_classes: int
-    label_smoothing: float = 0.0
+class StepOptions:
     ema_decay: float = 0.0                 # 0 disables the EMA
     grad_accum_steps: int = 1              # micro-batches per optimizer step
-    mixup: Callable | None = None          # (key, images, labels, extra=None) -> (images, soft targets[, extra])
-    distill: distill_lib.Distillation | None = None  # soft distillation: needs a teacher or teacher logits
+
+
+def path_string(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def trainable_filter(base: Any = nnx.Param, patterns: Sequence[str] = ()):
+    """``base`` (an nnx filter, a task's ``trainable``) narrowed to the variables whose path
+    ``"a/b/0/kernel"`` matches one of ``patterns`` (``re.search``); all of ``base`` when empty."""
+    if not patterns:
+        return base
+    compiled = [re.compile(p) for p in patterns]
+    return nnx.All(base, lambda path, value: any(c.search(path_string(path)) for c in compiled))
+
+
+class NothingTrainable(ValueError):
+    """The trainable filter matches no parameter."""
+
+
+def split_model(model: nnx.Module, trainable: Any = nnx.Param):
+    """``(graphdef, params, frozen, rest)``: trained / frozen / mutable state (see the module doc)."""
+    graphdef, params, frozen, rest = nnx.split(model, trainable, FROZEN, ...)
+    if not jax.tree.leaves(params):
+        names = [path_string(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+        raise NothingTrainable(f"the trainable filter matches no parameter of {type(model).__name__}; its "
+                               f"{len(names)} parameters include: {', '.join(names[:8])}"
+                               f"{', ...' if len(names) > 8 else ''}")
+    return graphdef, params, frozen, rest
 
 
 def _stream_policy(path, key, shape):
@@ -40,11 +76,14 @@ def _stream_policy(path, key, shape):
     return jax.random.fold_in(key, zlib.crc32(repr(path).encode()) & 0x7FFFFFFF)
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool):
-    """Split ``model`` into ``(graphdef, state)``; the optimizer moments inherit the parameters'
-    shardings, and leaves with no sharding of their own (counters, the step) are replicated over
-    the parameters' mesh."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool,
+                     trainable: Any = nnx.Param):
+    """Split ``model`` and build its train state; returns ``(graphdef, state, frozen)``.
+
+    The optimizer moments inherit the trained parameters' shardings; leaves with no sharding of their
+    own (counters, the step) are replicated over the parameters' mesh.
+    """
+    graphdef, params, frozen, rest = split_model(model, trainable)
     meshes = {x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)}
     if meshes:
         # Moments are sharded exactly like their parameters; counters are replicated.
@@ -61,110 +100,112 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema
     if meshes:
         state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
                              state)
-    return graphdef, state
+    return graphdef, state, frozen
 
 
 def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig, *, base_key: jax.Array,
-                    state_shardings, batch_shardings, donate: bool = True, teacher: nnx.Module | None = None):
-    """``step(state, batch) -> (state, metrics)``; ``batch`` has ``image`` [B,H,W,C] and ``label`` [B].
+def _leading_size(batch) -> int:
+    return jax.tree.leaves(batch)[0].shape[0]
 
-    Distillation (``cfg.distill``) takes its teacher from ``teacher`` (a model in eval mode, run on
-    the same mixed images; its state is a non-donated input of the jitted step, not part of
-    ``state``) or from precomputed logits in ``batch["teacher_logits"]`` [B, K].
+
+class TrainStep:
+    """``step(state, batch) -> (state, metrics)``: the jitted step with the frozen state and the
+    task's constants bound as non-donated arguments. ``lower(state, batch)`` compiles ahead of time
+    (abstract inputs are fine), e.g. to read XLA's memory analysis."""
+
+    def __init__(self, jitted, frozen, consts):
+        self.jitted, self.frozen, self.consts = jitted, frozen, consts
+
+    def __call__(self, state, batch):
+        return self.jitted(state, self.frozen, batch, self.consts)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, self.frozen, batch, self.consts)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, frozen, base_key: jax.Array,
+                    options: StepOptions = StepOptions(), trainable: Any = nnx.Param, state_shardings=None,
+                    batch_shardings=None, donate: bool = True) -> TrainStep:
+    """The train step of ``task`` over a model split by :func:`init_train_state`.
+
+    With ``state_shardings`` (the train state's) every input and output has an explicit sharding:
+    the frozen state and the task's constants keep their own, the batch takes ``batch_shardings``.
     """
-    k = cfg.grad_accum_steps
-    dcfg = cfg.distill
-    teacher_graphdef, teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
-    if dcfg is not None and teacher is None and distill_lib.TEACHER_LOGITS_KEY not in (batch_shardings or {}):
-        raise ValueError("cfg.distill is set but there is no teacher: pass teacher=<model> or batches with "
-                         f"{distill_lib.TEACHER_LOGITS_KEY!r}")
+    k = options.grad_accum_steps
+    consts = task.constants()
 
-    def mix_and_teach(batch, key, teacher_state):
-        """Mixed images, soft targets and (when distilling) the teacher's log-probabilities."""
-        images, labels = batch["image"], batch["label"]
-        stored = batch.get(distill_lib.TEACHER_LOGITS_KEY) if dcfg is not None else None
-        teacher_probs = None if stored is None else jnp.exp(distill_lib.teacher_log_probs(stored, dcfg.tau))
-        if cfg.mixup is not None and teacher_probs is not None:
-            images, targets, teacher_probs = cfg.mixup(jax.random.fold_in(key, 0), images, labels, extra=teacher_probs)
-        elif cfg.mixup is not None:
-            images, targets = cfg.mixup(jax.random.fold_in(key, 0), images, labels)
-        else:
-            targets = losses.smoothed_one_hot(labels, cfg.num_classes, cfg.label_smoothing)
-        if dcfg is None:
-            return images, targets, None
-        if teacher_probs is not None:
-            return images, targets, jnp.log(teacher_probs)
-        return images, targets, distill_lib.teacher_log_probs(nnx.merge(teacher_graphdef, teacher_state)(images),
-                                                              dcfg.tau)
-
-    def loss_and_grads(params, rest, batch, key, teacher_state):
-        images, targets, teacher_lp = mix_and_teach(batch, key, teacher_state)
-
+    def micro_step(params, rest, batch, key, frozen, consts):
         def loss_fn(p):  # copy: fresh Variables at this trace level, so BatchNorm may update them
-            model = nnx.merge(graphdef, p, rest, copy=True)
+            model = nnx.merge(graphdef, p, frozen, rest, copy=True)
             nnx.reseed(model, dropout=jax.random.fold_in(key, 1), policy=_stream_policy)
-            logits = model(images)
-            loss = jnp.mean(losses.soft_target_cross_entropy(logits, targets))
-            kl = jnp.zeros(())
-            if dcfg is not None:
-                kl = jnp.mean(distill_lib.kl_divergence(logits, teacher_lp, dcfg.tau))
-                loss = distill_lib.combine(loss, kl, dcfg)
-            return loss, (logits, kl, nnx.state(model, nnx.Not(nnx.Param)))
+            (total, count), metrics = task.loss(model, batch, key, consts)
+            new_rest = nnx.split(model, trainable, FROZEN, ...)[3]
+            return total, (count, metrics, new_rest)
 
-        (loss, (logits, kl, new_rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        correct = losses.topk_correct(logits, batch["label"], 1)
-        return loss, grads, new_rest, {"top1": jnp.mean(correct), "distill_kl": kl}
+        (total, (count, metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return (total, count), metrics, rest, grads
 
-    def step(state, batch, teacher_state):
+    def step(state, frozen, batch, consts):
         key = jax.random.fold_in(base_key, state["step"])
         params, rest = state["params"], state["rest"]
         if k == 1:
-            loss, grads, rest, extra = loss_and_grads(params, rest, batch, key, teacher_state)
-        else:  # equal micro-batches, gradients averaged: the same as one k-times larger batch
-            micro = batch["image"].shape[0] // k
-            loss, grads = 0.0, jax.tree.map(jnp.zeros_like, params)
-            extra = {"top1": 0.0, "distill_kl": 0.0}
+            loss, metrics, rest, grads = micro_step(params, rest, batch, key, frozen, consts)
+        else:  # equal micro-batches; sums and counts added up: the same as one k-times larger batch
+            micro = _leading_size(batch) // k
             for i in range(k):
-                part = {name: v[i * micro:(i + 1) * micro] for name, v in batch.items()}
-                l, g, rest, e = loss_and_grads(params, rest, part, jax.random.fold_in(key, 2 + i), teacher_state)
-                loss = loss + l / k
-                extra = jax.tree.map(lambda s, x: s + x / k, extra, e)
-                grads = jax.tree.map(lambda s, x: s + x / k, grads, g)
+                part = jax.tree.map(lambda v: v[i * micro:(i + 1) * micro], batch)
+                out = micro_step(params, rest, part, jax.random.fold_in(key, 2 + i), frozen, consts)
+                if i == 0:
+                    loss, metrics, rest, grads = out
+                else:
+                    loss, metrics, grads = jax.tree.map(jnp.add, (loss, metrics, grads), (out[0], out[1], out[3]))
+                    rest = out[2]
+        grads = jax.tree.map(lambda g: g / loss[1], grads)
         updates, opt = tx.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
         ema = state["ema"]
         if ema is not None:
-            ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
-        metrics = {"loss": loss, "top1": extra["top1"], "grad_norm": optax.tree.norm(grads),
-                   "param_norm": optax.tree.norm(params)}
-        if dcfg is not None:
-            metrics["distill_kl"] = extra["distill_kl"]
+            ema = jax.tree.map(lambda e, p: options.ema_decay * e + (1 - options.ema_decay) * p, ema, params)
+        logged = {"loss": loss[0] / loss[1],
+                  **{name: total / jnp.maximum(count, 1e-12) for name, (total, count) in metrics.items()},
+                  "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
         new_state = {"params": params, "rest": rest, "opt": opt, "ema": ema, "step": state["step"] + 1}
-        return new_state, metrics
+        return new_state, logged
 
-    if teacher is None:
-        return jax.jit(lambda state, batch: step(state, batch, None),
-                       in_shardings=(state_shardings, batch_shardings),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,) if donate else ())
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings, shardings_of(teacher_state)),
-                     out_shardings=(state_shardings, None), donate_argnums=(0,) if donate else ())
-    return lambda state, batch: jitted(state, batch, teacher_state)
-
-
-def make_eval_step(graphdef, *, state_shardings=None, batch_shardings=None):
-    """``evaluate(params, rest, batch) -> sums`` of loss, top-1, top-5 and example count (masked)."""
-    def evaluate(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        model.eval()
-        logits = model(batch["image"])
-        mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-        ce = losses.cross_entropy(logits, batch["label"])
-        return {"loss": jnp.sum(ce * mask), "top1": jnp.sum(losses.topk_correct(logits, batch["label"], 1) * mask),
-                "top5": jnp.sum(losses.topk_correct(logits, batch["label"], 5) * mask), "count": jnp.sum(mask)}
+    donate_argnums = (0,) if donate else ()
     if state_shardings is None:
-        return jax.jit(evaluate)
-    return jax.jit(evaluate, in_shardings=(state_shardings["params"], state_shardings["rest"], batch_shardings))
+        jitted = jax.jit(step, donate_argnums=donate_argnums)
+    else:
+        jitted = jax.jit(step, in_shardings=(state_shardings, shardings_of(frozen), batch_shardings,
+                                             shardings_of(consts)),
+                         out_shardings=(state_shardings, None), donate_argnums=donate_argnums)
+    return TrainStep(jitted, frozen, consts)
+
+
+class EvalStep:
+    """``evaluate(params, rest, batch) -> {metric: (sum, count)}`` with the frozen state and the
+    task's constants bound; sum the pairs over batches (:func:`lib.train.loop.evaluate`)."""
+
+    def __init__(self, jitted, frozen, consts):
+        self.jitted, self.frozen, self.consts = jitted, frozen, consts
+
+    def __call__(self, params, rest, batch):
+        return self.jitted(params, self.frozen, rest, batch, self.consts)
+
+
+def make_eval_step(graphdef, task: Task, *, frozen, state_shardings=None, batch_shardings=None) -> EvalStep:
+    consts = task.constants()
+
+    def evaluate(params, frozen, rest, batch, consts):
+        model = nnx.merge(graphdef, params, frozen, rest)
+        model.eval()
+        return task.evaluate(model, batch, consts)
+
+    if state_shardings is None:
+        return EvalStep(jax.jit(evaluate), frozen, consts)
+    return EvalStep(jax.jit(evaluate, in_shardings=(state_shardings["params"], shardings_of(frozen),
+                                                    state_shardings["rest"], batch_shardings, shardings_of(consts))),
+                    frozen, consts)

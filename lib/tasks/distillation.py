@@ -1,4 +1,4 @@
-"""Soft knowledge distillation (DeiT's ``DistillationLoss``, ``--distillation-type soft``), for every project.
+"""Soft logit distillation (DeiT's ``DistillationLoss``, ``--distillation-type soft``) as a task, for every project.
 
     loss = (1 - alpha) * CE(student, mixed targets) + alpha * tau^2 * KL(p_teacher || p_student)
 
@@ -10,11 +10,12 @@ The teacher comes from one of two places (``config.distill``):
 
 * ``teacher``: any zoo model name, with ``teacher_weights`` (an official PyTorch checkpoint or a
   directory written by ``zoo.save_weights``). It runs in eval mode inside the train step on the
-  same (mixed-up) images the student sees, as upstream; its weights are a non-donated input of
-  the step, never part of the train state or its checkpoints.
+  same (mixed-up) images the student sees, as upstream; its weights are the task's constants (a
+  non-donated input of the step), never part of the train state or its checkpoints.
 * ``teacher_logits``: a ``.npy`` file ``[num_train_examples, num_classes]`` of precomputed logits
-  in the training source's order (write one with :func:`compute_teacher_logits`). Each example
-  carries its row through the pipeline; mixup/cutmix mix the teacher's *probabilities* with the
+  in the training source's order (write one with :func:`compute_teacher_logits`). The task wraps
+  the training source (:meth:`LogitDistillation.wrap_source`) so each example carries its row
+  through the pipeline; mixup/cutmix mix the teacher's *probabilities* with the
   same weights as the labels. That approximates the teacher on the mixed image, for a teacher too
   large (or too slow) to run beside the student.
 """
@@ -28,7 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lib.data.pipeline import TEACHER_LOGITS_KEY  # carried through the train pipeline's augmentations
+from lib.tasks import losses
+from lib.tasks.classification import Classification
+from lib.train.task import Weighted, weighted
+
+TEACHER_LOGITS_KEY = "teacher_logits"  # per-example side data: the pipeline passes it through unchanged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +68,52 @@ def teacher_log_probs(teacher_logits: jax.Array, tau: float) -> jax.Array:
 
 
 def combine(base_loss: jax.Array, kl: jax.Array, cfg: Distillation) -> jax.Array:
-    """``(1 - alpha) * base + alpha * tau^2 * KL``, both already averaged over the batch."""
+    """``(1 - alpha) * base + alpha * tau^2 * KL`` (per example, or both averaged over the batch)."""
     return (1.0 - cfg.alpha) * base_loss + cfg.alpha * cfg.tau ** 2 * kl
+
+
+class LogitDistillation(Classification):
+    """Classification whose loss adds the teacher's soft targets: ``(1 - alpha) CE + alpha tau^2 KL``.
+
+    Give either ``teacher`` (a model in eval mode: its state becomes the task's constants) or
+    ``teacher_logits`` (a ``.npy`` file; the training source is wrapped to carry its rows), or
+    neither when the batches already carry ``teacher_logits``.
+    """
+
+    def __init__(self, num_classes: int, settings: Distillation, *, teacher: nnx.Module | None = None,
+                 teacher_logits: str | None = None, label_smoothing: float = 0.0, mixup=None):
+        super().__init__(num_classes, label_smoothing=label_smoothing, mixup=mixup)
+        if teacher is not None and teacher_logits is not None:
+            raise ValueError("logit distillation takes a teacher model or a teacher_logits file, not both")
+        self.settings, self.teacher_logits_file = settings, teacher_logits
+        self.teacher_graphdef, self.teacher_state = nnx.split(teacher) if teacher is not None else (None, None)
+
+    def constants(self):
+        return self.teacher_state
+
+    def wrap_source(self, source, *, train: bool):
+        if self.teacher_logits_file is None or not train:
+            return source
+        return TeacherLogitsSource(source, np.load(self.teacher_logits_file), num_classes=self.num_classes)
+
+    def loss(self, model, batch, key, consts) -> tuple[Weighted, dict[str, Weighted]]:
+        tau = self.settings.tau
+        stored = batch.get(TEACHER_LOGITS_KEY)
+        # Precomputed logits: the teacher's probabilities are mixed like the labels.
+        teacher_probs = None if stored is None else jnp.exp(teacher_log_probs(stored, tau))
+        images, targets, teacher_probs = self.mix(key, batch, extra=teacher_probs)
+        if teacher_probs is not None:
+            teacher_lp = jnp.log(teacher_probs)
+        elif self.teacher_graphdef is None:
+            raise ValueError(f"logit distillation without a teacher model needs batches with {TEACHER_LOGITS_KEY!r}; "
+                             f"got keys {sorted(batch)}")
+        else:
+            teacher_lp = teacher_log_probs(nnx.merge(self.teacher_graphdef, consts)(images), tau)
+        logits = model(images)
+        ce = losses.soft_target_cross_entropy(logits, targets)
+        kl = kl_divergence(logits, teacher_lp, tau)
+        return (weighted(combine(ce, kl, self.settings)),
+                {"top1": weighted(losses.topk_correct(logits, batch["label"], 1)), "distill_kl": weighted(kl)})
 
 
 def config_from(config) -> Distillation | None:
@@ -96,7 +145,7 @@ class TeacherLogitsSource:
         if logits.ndim != 2 or logits.shape[0] != len(source):
             raise ValueError(f"teacher logits must be [num_examples={len(source)}, num_classes], got shape "
                              f"{logits.shape}; compute them in the training source's order "
-                             f"(lib.train.distill.compute_teacher_logits)")
+                             f"(lib.tasks.distillation.compute_teacher_logits)")
         if num_classes is not None and logits.shape[1] != num_classes:
             raise ValueError(f"teacher logits have {logits.shape[1]} classes, the task has {num_classes}")
         self.source, self.logits = source, logits
@@ -124,12 +173,12 @@ def compute_teacher_logits(model: nnx.Module, input_cfg, *, batch_size: int = 25
     rows = []
     for batch in pipeline:
         logits = np.asarray(forward(state, batch["image"]), np.float32)
-        rows.append(logits[batch["mask"] > 0])  # drop the eval padding at the end
+        rows.append(logits[batch["valid"] > 0])  # drop the eval padding at the end
     return np.concatenate(rows)
 
 
 def main(argv=None):
-    """``python -m lib.train.distill --teacher NAME --weights PATH --config CFG --out logits.npy``:
+    """``python -m lib.tasks.distillation --teacher NAME --weights PATH --config CFG --out logits.npy``:
     precompute a teacher's logits over the training split of a config's input (eval transform)."""
     import argparse
     import importlib.util

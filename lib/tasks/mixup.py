@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lib.train.losses import smoothed_one_hot  # noqa: F401 (re-exported by lib.data)
+from lib.tasks.losses import smoothed_one_hot
 
 
 def cutmix_box(key: jax.Array, height: int, width: int, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
