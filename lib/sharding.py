@@ -105,6 +105,20 @@ def batch_shardings(mesh: Mesh, rules: Sequence[tuple[str, str | None]], batch):
     return jax.tree.map(lambda x: batch_sharding(mesh, rules, np.ndim(x)), batch)
 
 
+def place(tree, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES):
+    """Put any pytree of arrays and nnx Variables on ``mesh``: Variables by their logical names,
+    plain arrays replicated; arrays already laid out on ``mesh`` stay where they are."""
+    def on_mesh(value) -> bool:
+        return isinstance(getattr(value, "sharding", None), NamedSharding) and value.sharding.mesh == mesh
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            value = x.get_value()
+            return x if on_mesh(value) else x.replace(jax.device_put(value, state_shardings(x, mesh, rules)))
+        return x if on_mesh(x) else jax.device_put(x, NamedSharding(mesh, P()))
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def shard_model(model, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES):
     """Move an existing (concrete) model's state onto ``mesh`` per ``rules``, in place; returns it.
 

@@ -16,6 +16,7 @@ from flax import nnx
 from configs import common
 from configs.starnet import digits, imagenet
 from lib import sharding, zoo
+from lib.layers import masked
 from lib.tasks.classification import Classification
 from lib.train import checkpoint, loop, optim, schedules, step as step_lib
 
@@ -68,7 +69,12 @@ def test_imagenet_config_matches_the_recipe():
 # ------------------------------------------------------------------------------------------------
 # one step: sharded == single device
 # ------------------------------------------------------------------------------------------------
-def _one_step(mesh=None, rules=sharding.DEFAULT_RULES, bn_groups=1):
+# The partial-training case of the step properties: the last stage and the classifier trained, the
+# rest frozen (never differentiated, no optimizer state, not donated).
+PARTIAL = ("^stages/3/", "^head/")
+
+
+def _one_step(mesh=None, rules=sharding.DEFAULT_RULES, bn_groups=1, trainable=()):
     model = zoo.create_model("test_starnet_tiny", num_classes=10, rngs=0)
     if mesh is not None:
         sharding.shard_model(model, mesh, rules)
@@ -78,7 +84,8 @@ def _one_step(mesh=None, rules=sharding.DEFAULT_RULES, bn_groups=1):
                 m.batch_groups = bn_groups
     # SGD: linear in the gradient. Adam's first step g/|g| would amplify round-off in near-zero gradients.
     tx = optim.make_optimizer(lambda s: 1e-2, name="sgd")
-    graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=True)
+    trainable = step_lib.trainable_filter(nnx.Param, trainable)
+    graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=True, trainable=trainable)
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((16, 16, 16, 3)).astype(np.float32),
              "label": rng.integers(0, 10, 16).astype(np.int32)}
@@ -88,11 +95,11 @@ def _one_step(mesh=None, rules=sharding.DEFAULT_RULES, bn_groups=1):
         shardings = step_lib.shardings_of(state)
     else:
         batch_shardings = shardings = None
-    train = step_lib.make_train_step(graphdef, tx, Classification(10), frozen=frozen,
+    train = step_lib.make_train_step(graphdef, tx, Classification(10), frozen=frozen, trainable=trainable,
                                      options=step_lib.StepOptions(ema_decay=0.9), base_key=jax.random.key(0),
                                      state_shardings=shardings, batch_shardings=batch_shardings)
     new_state, metrics = train(state, batch)
-    return new_state, metrics
+    return new_state, metrics, frozen
 
 
 def _assert_states_close(a, b, rtol=1e-5, atol=1e-6):
@@ -111,12 +118,12 @@ def _assert_states_close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.fixture(scope="module")
 def single_device_step():
-    return _one_step()
+    return _one_step()[:2]
 
 
 def test_train_step_on_8_devices_equals_single_device(single_device_step):
     want, want_metrics = single_device_step
-    got, metrics = _one_step(sharding.make_mesh())
+    got, metrics, _ = _one_step(sharding.make_mesh())
     assert got["params"]["stem"]["conv"]["kernel"].get_value().sharding.is_fully_replicated
     assert not np.allclose(np.asarray(want["rest"]["norm"]["mean"].get_value()), 0)  # BN stats did move
     _assert_states_close(got, want)
@@ -125,7 +132,7 @@ def test_train_step_on_8_devices_equals_single_device(single_device_step):
 
 def test_fsdp_shards_kernels_and_matches_single_device(single_device_step):
     mesh = sharding.make_mesh()
-    got, _ = _one_step(mesh, FSDP_RULES)
+    got, _, _ = _one_step(mesh, FSDP_RULES)
     _assert_states_close(got, single_device_step[0])
     kernel = got["params"]["stages"][3]["blocks"][0]["f1"]["conv"]["kernel"].get_value()
     assert kernel.sharding.spec == jax.P(None, None, None, "data")
@@ -149,22 +156,37 @@ def test_fsdp_shards_kernels_and_matches_single_device(single_device_step):
 def test_per_shard_batchnorm_differs_from_global_and_matches_grouped_reference(single_device_step):
     # 2 groups of 8 examples (with groups of 2 the 1x1 last stage normalises 2 values: too ill-conditioned
     # to compare gradients across reduction orders).
-    got, metrics = _one_step(sharding.make_mesh(), bn_groups=2)
-    want, _ = _one_step(bn_groups=2)
+    got, metrics, _ = _one_step(sharding.make_mesh(), bn_groups=2)
+    want, _, _ = _one_step(bn_groups=2)
     _assert_states_close(got, want)
     assert abs(float(metrics["loss"]) - float(single_device_step[1]["loss"])) > 1e-4
 
 
-def test_grad_accumulation_equals_one_large_batch():
+def test_partial_training_on_8_devices_and_fsdp_equals_single_device():
+    want, want_metrics, frozen = _one_step(trainable=PARTIAL)
+    trained = {step_lib.path_string(p) for p, _ in nnx.to_flat_state(want["params"])}
+    assert trained and all(t.startswith(("stages/3/", "head/")) for t in trained)
+    assert {step_lib.path_string(p) for p, _ in nnx.to_flat_state(frozen)} >= {"stem/conv/kernel", "norm/scale"}
+    assert not np.allclose(np.asarray(want["rest"]["norm"]["mean"].get_value()), 0)  # frozen BN still updates stats
+    for mesh, rules in ((sharding.make_mesh(), sharding.DEFAULT_RULES), (sharding.make_mesh(), FSDP_RULES)):
+        got, metrics, got_frozen = _one_step(mesh, rules, trainable=PARTIAL)
+        _assert_states_close(got, want)
+        np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got_frozen, frozen)
+
+
+@pytest.mark.parametrize("trainable", [(), ("^head/", "blocks/1/")], ids=["all", "partial"])
+def test_grad_accumulation_equals_one_large_batch(trainable):
     model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
     tx = optim.make_optimizer(lambda s: 1e-2, name="sgd")
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
              "label": rng.integers(0, 10, 8).astype(np.int32)}
+    trainable = step_lib.trainable_filter(nnx.Param, trainable)
     results = []
     for k in (1, 4):
-        graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False)
-        train = step_lib.make_train_step(graphdef, tx, Classification(10), frozen=frozen,
+        graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False, trainable=trainable)
+        train = step_lib.make_train_step(graphdef, tx, Classification(10), frozen=frozen, trainable=trainable,
                                          options=step_lib.StepOptions(grad_accum_steps=k), base_key=jax.random.key(0),
                                          donate=False)
         results.append(train(state, batch))
@@ -197,10 +219,11 @@ def test_checkpoint_restores_onto_another_mesh_and_a_single_device(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the loop: resume, preemption, failures
 # ------------------------------------------------------------------------------------------------
-def test_resumed_run_matches_uninterrupted_bit_for_bit(tmp_path):
-    full = loop.run(tiny_config(total_steps=6, checkpoint_every=3), tmp_path / "full")
-    loop.run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "resumed")
-    resumed = loop.run(tiny_config(total_steps=6, checkpoint_every=3), tmp_path / "resumed")
+@pytest.mark.parametrize("trainable", [(), PARTIAL], ids=["all", "partial"])
+def test_resumed_run_matches_uninterrupted_bit_for_bit(tmp_path, trainable):
+    full = loop.run(tiny_config(total_steps=6, checkpoint_every=3, trainable=trainable), tmp_path / "full")
+    loop.run(tiny_config(total_steps=3, checkpoint_every=3, trainable=trainable), tmp_path / "resumed")
+    resumed = loop.run(tiny_config(total_steps=6, checkpoint_every=3, trainable=trainable), tmp_path / "resumed")
     assert resumed == full
     a = [r for r in read_metrics(tmp_path / "full") if "loss" in r and "final" not in r]
     b = [r for r in read_metrics(tmp_path / "resumed") if "loss" in r and "final" not in r]
@@ -208,6 +231,13 @@ def test_resumed_run_matches_uninterrupted_bit_for_bit(tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "grad_norm", "param_norm", "lr"):
             assert x[key] == y[key], (x["step"], key)
+    if trainable:
+        # The frozen weights are not in the checkpoints, only their manifest: a run whose frozen
+        # weights differ (another seed) is refused before anything is restored or written.
+        files = sorted(str(p) for p in (tmp_path / "resumed" / "checkpoints").rglob("*"))
+        with pytest.raises(masked.FrozenWeightMismatch, match=r"(?s)stem/conv/kernel: .*'seed': 0.*'seed': 1"):
+            loop.run(tiny_config(total_steps=9, checkpoint_every=3, trainable=trainable, seed=1), tmp_path / "resumed")
+        assert sorted(str(p) for p in (tmp_path / "resumed" / "checkpoints").rglob("*")) == files
 
 
 def test_sigterm_saves_and_exits(tmp_path, monkeypatch):
@@ -249,12 +279,14 @@ def test_unreadable_latest_checkpoint_falls_back_and_deletes_nothing(tmp_path, c
 
 
 def test_best_weights_extra_evals_and_provenance(tmp_path):
-    result = loop.run(tiny_config(total_steps=4, eval_every=2, final_evals=[(16, 1.0), (24, 0.875)]),
+    result = loop.run(tiny_config(total_steps=4, eval_every=2, ema_decay=0.5, final_evals=[(16, 1.0), (24, 0.875)]),
                       tmp_path / "run")
-    assert {"top1", "top5", "top1_16_crop1", "top1_24_crop0.875", "step"} <= set(result)
+    assert {"top1", "top5", "ema_top1", "top1_16_crop1", "top1_24_crop0.875", "step"} <= set(result)
     assert result["top1_16_crop1"] == result["top1"]
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
-    assert best["step"] in (2,)
+    assert best["step"] == 2 and best["weights"] == "ema"   # as timm: with an EMA, best/ holds the EMA
+    val = [r for r in read_metrics(tmp_path / "run") if r.get("step") == 2 and "val_ema_top1" in r]
+    assert len(val) == 1 and best["top1"] == val[0]["val_ema_top1"]
     model = zoo.create_model("test_starnet_tiny", num_classes=10, weights=tmp_path / "run" / "best")
     assert np.isfinite(np.asarray(model(jnp.zeros((1, 16, 16, 3))))).all()
     provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())

@@ -238,7 +238,10 @@ def _create_model(config, task, mesh, rules) -> tuple[nnx.Module, Any]:
         for _, module in nnx.iter_graph(model):
             if isinstance(module, BatchNorm):
                 module.batch_groups = groups
-    return task.wrap(model, wrap_rngs()), trainable
+    wrapped = task.wrap(model, wrap_rngs())
+    if wrapped is not model:  # the task's own modules join the model on the mesh
+        nnx.update(wrapped, sharding.place(nnx.state(wrapped), mesh, rules))
+    return wrapped, trainable
 
 
 def setup(config, workdir: str | Path) -> Run:
@@ -267,7 +270,8 @@ def setup(config, workdir: str | Path) -> Run:
     total_steps = config.get("total_steps") or int(math.ceil(total_epochs * steps_per_epoch))
     schedule = schedules.make_schedule(
         lr=config.lr, min_lr=config.min_lr, epochs=config.total_epochs, steps_per_epoch=steps_per_epoch,
-        warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr, per_epoch=config.schedule_per_epoch)
+        warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr, per_epoch=config.schedule_per_epoch,
+        kind=config.get("lr_schedule", "cosine"))
     tx = optim.make_optimizer(schedule, name=config.optimizer, weight_decay=config.wd,
                               grad_clip=config.get("grad_clip"), momentum=config.get("momentum", 0.9),
                               decay_1d_params=config.get("decay_1d_params", False))
@@ -279,9 +283,11 @@ def setup(config, workdir: str | Path) -> Run:
                f"{n_frozen:,} frozen")
     state_shardings = step_lib.shardings_of(state)
     options = step_lib.StepOptions(ema_decay=config.ema_decay, grad_accum_steps=config.get("grad_accum_steps", 1))
-    train_step = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, base_key=jax.random.key(config.seed),
-                                          options=options, trainable=trainable, state_shardings=state_shardings)
-    eval_step = step_lib.make_eval_step(graphdef, task, frozen=frozen)
+    consts = sharding.place(task.constants(), mesh, rules)
+    train_step = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, consts=consts,
+                                          base_key=jax.random.key(config.seed), options=options, trainable=trainable,
+                                          state_shardings=state_shardings)
+    eval_step = step_lib.make_eval_step(graphdef, task, frozen=frozen, consts=consts)
 
     origin = {"model": config.model.name, "seed": config.seed, "init_from": config.get("init_from"),
               "trainable": list(config.get("trainable", ()))}
@@ -368,11 +374,18 @@ def train(run: Run, log: _MetricsLog) -> bool:
                 seen, last_log = 0, now
             if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
                 ev = evaluate(run.eval_step, run.state["params"], run.state["rest"], run.eval_data, run.mesh, run.rules)
+                candidate, params = ev, None
+                if run.state["ema"] is not None:  # as timm: with an EMA, best/ is the EMA chosen on its own metric
+                    candidate = evaluate(run.eval_step, run.state["ema"], run.state["rest"], run.eval_data, run.mesh,
+                                         run.rules)
+                    params = run.state["ema"]
+                    ev.update({f"ema_{k}": v for k, v in candidate.items() if k != "count"})
                 log.write({"step": step, **{f"val_{k}": v for k, v in ev.items()}}, "val")
                 _print(f"step {step} val " + " ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "count"))
-                if run.task.is_better(ev[metric], best):
-                    best = ev[metric]
-                    _save_best(run.workdir / "best", run.model(), step, {metric: ev[metric]})
+                if run.task.is_better(candidate[metric], best):
+                    best = candidate[metric]
+                    _save_best(run.workdir / "best", run.model(params), step,
+                               {metric: best, "weights": "ema" if params is not None else "params"})
             if at_checkpoint:
                 ckpt.save(step, run.state, run.train_iter)
             if stop["signal"] is not None:

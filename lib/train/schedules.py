@@ -24,11 +24,19 @@ def cosine_lr(epoch, *, lr: float, min_lr: float, epochs: int, warmup_epochs: fl
     return cosine
 
 
+SCHEDULES = ("cosine",)
+
+
 def make_schedule(*, lr: float, min_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0,
-                  warmup_lr: float = 1e-6, per_epoch: bool = True) -> optax.Schedule:
-    """An optax schedule (step -> lr) for :func:`cosine_lr`; cooldown epochs simply run at min_lr."""
+                  warmup_lr: float = 1e-6, per_epoch: bool = True, kind: str = "cosine") -> optax.Schedule:
+    """An optax schedule (step -> lr) for :func:`cosine_lr`; cooldown epochs simply run at min_lr.
+
+    ``kind`` names the schedule (one of :data:`SCHEDULES`).
+    """
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {kind!r}; expected one of {SCHEDULES}")
 
     def schedule(step):
         epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch

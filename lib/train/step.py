@@ -126,16 +126,21 @@ class TrainStep:
         return self.jitted.lower(state, self.frozen, batch, self.consts)
 
 
+_TASK_CONSTANTS = object()
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, frozen, base_key: jax.Array,
-                    options: StepOptions = StepOptions(), trainable: Any = nnx.Param, state_shardings=None,
-                    batch_shardings=None, donate: bool = True) -> TrainStep:
+                    options: StepOptions = StepOptions(), trainable: Any = nnx.Param, consts: Any = _TASK_CONSTANTS,
+                    state_shardings=None, batch_shardings=None, donate: bool = True) -> TrainStep:
     """The train step of ``task`` over a model split by :func:`init_train_state`.
 
-    With ``state_shardings`` (the train state's) every input and output has an explicit sharding:
-    the frozen state and the task's constants keep their own, the batch takes ``batch_shardings``.
+    ``consts``: the task's constants as placed for this run (default ``task.constants()``). With
+    ``state_shardings`` (the train state's) the outputs have explicit shardings and so do the inputs:
+    the frozen state and the constants keep their own; the batch takes ``batch_shardings``, or the
+    shardings its arrays arrive with when that is None.
     """
     k = options.grad_accum_steps
-    consts = task.constants()
+    consts = task.constants() if consts is _TASK_CONSTANTS else consts
 
     def micro_step(params, rest, batch, key, frozen, consts):
         def loss_fn(p):  # copy: fresh Variables at this trace level, so BatchNorm may update them
@@ -178,6 +183,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, f
     donate_argnums = (0,) if donate else ()
     if state_shardings is None:
         jitted = jax.jit(step, donate_argnums=donate_argnums)
+    elif batch_shardings is None:  # inputs keep the shardings they arrive with
+        jitted = jax.jit(step, out_shardings=(state_shardings, None), donate_argnums=donate_argnums)
     else:
         jitted = jax.jit(step, in_shardings=(state_shardings, shardings_of(frozen), batch_shardings,
                                              shardings_of(consts)),
@@ -196,8 +203,9 @@ class EvalStep:
         return self.jitted(params, self.frozen, rest, batch, self.consts)
 
 
-def make_eval_step(graphdef, task: Task, *, frozen, state_shardings=None, batch_shardings=None) -> EvalStep:
-    consts = task.constants()
+def make_eval_step(graphdef, task: Task, *, frozen, consts: Any = _TASK_CONSTANTS, state_shardings=None,
+                   batch_shardings=None) -> EvalStep:
+    consts = task.constants() if consts is _TASK_CONSTANTS else consts
 
     def evaluate(params, frozen, rest, batch, consts):
         model = nnx.merge(graphdef, params, frozen, rest)
