@@ -165,3 +165,58 @@ def test_dense_twin_has_the_official_regular_convmixer_parameters():
     assert not [p for p in params if p.endswith("bias") and "bn" not in p]
     # stem 3*4*32 (2x2 patches), 2 x (depthwise 25*32 + pointwise 32*32), head 32*10, 5 BatchNorms
     assert sum(int(np.prod(v.shape)) for v in params.values()) == 384 + 2 * (800 + 1024) + 320 + 5 * 2 * 32
+
+
+def _upstream_lr(t, lr_max, epochs):
+    """PEMN ``src/convmixer/train.py``'s ``lr_schedule`` verbatim (integer-division knots)."""
+    return np.interp([t], [0, epochs*2//5, epochs*4//5, epochs], [0, lr_max, lr_max/20.0, 0])[0]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 5, 7, 8, 11, 15, 25])
+@pytest.mark.parametrize("steps_per_epoch", [1, 3, 23])
+def test_piecewise_linear_schedule_matches_upstream(epochs, steps_per_epoch):
+    """Upstream sets the rate of batch ``i`` of ``epoch`` to ``lr_schedule(epoch + (i+1)/len(loader))``
+    before its update: the ``s``-th update (optax count ``s``) gets ``t = (s+1)/steps_per_epoch``."""
+    from lib.train import schedules
+    lr = 0.05
+    sched = schedules.make_schedule(lr=lr, min_lr=1e-5, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                    per_epoch=False, kind="piecewise_linear")
+    ref = [_upstream_lr(epoch + (i + 1) / steps_per_epoch, lr, epochs)
+           for epoch in range(epochs) for i in range(steps_per_epoch)]
+    steps = np.arange(epochs * steps_per_epoch + 5)          # past the end: 0, as np.interp's right value
+    got = np.asarray(jax.jit(jax.vmap(sched))(jnp.asarray(steps)))
+    np.testing.assert_allclose(got, ref + [0.0] * 5, rtol=1e-5, atol=1e-9)
+    assert [float(sched(int(s))) for s in (0, len(ref) - 1)] == pytest.approx([ref[0], ref[-1]], rel=1e-5, abs=1e-9)
+
+
+def test_piecewise_linear_schedule_knots_and_validation():
+    from lib.train import schedules
+    # epochs 8: knots [0, 3, 6, 8]; epochs 2: [0, 0, 1, 2] (no ramp up: lr at t=0+, as np.interp)
+    f = lambda t, e: float(schedules.piecewise_linear_lr(t, lr=1.0, epochs=e))  # noqa: E731
+    assert [f(t, 8) for t in (0, 1.5, 3, 4.5, 6, 7, 8, 9)] == pytest.approx([0, .5, 1, .525, .05, .025, 0, 0])
+    assert [f(t, 2) for t in (0.5, 1, 1.5)] == pytest.approx([_upstream_lr(t, 1.0, 2) for t in (0.5, 1, 1.5)])
+    kw = dict(lr=1.0, min_lr=0.0, epochs=8, steps_per_epoch=10, kind="piecewise_linear")
+    with pytest.raises(ValueError, match="warmup_epochs must be 0"):
+        schedules.make_schedule(warmup_epochs=1, per_epoch=False, **kw)
+    with pytest.raises(ValueError, match="per step"):
+        schedules.make_schedule(per_epoch=True, **kw)
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        schedules.make_schedule(**{**kw, "kind": "triangle"})
+
+
+def test_digits_config_uses_the_upstream_schedule():
+    """The config's schedule, built with the arguments the loop passes, drives AdamW's first update
+    with the upstream rate at t = 1/len(loader) (Adam's first step moves each weight by ~lr)."""
+    import optax
+    from configs.pemn import digits
+    from lib.train import optim, schedules
+    c = digits.get_config("epochs=8")
+    assert (c.lr_schedule, c.warmup_epochs, c.schedule_per_epoch, c.total_epochs) == ("piecewise_linear", 0, False, 8)
+    n = 23
+    sched = schedules.make_schedule(lr=c.lr, min_lr=c.min_lr, epochs=c.total_epochs, steps_per_epoch=n,
+                                    warmup_epochs=c.warmup_epochs, warmup_lr=c.warmup_lr,
+                                    per_epoch=c.schedule_per_epoch, kind=c.get("lr_schedule", "cosine"))
+    tx = optim.make_optimizer(sched, weight_decay=0.0, decay_1d_params=c.decay_1d_params)
+    params = {"w": jnp.ones((4,))}
+    updates, _ = tx.update({"w": jnp.full((4,), 0.3)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -_upstream_lr(1 / n, c.lr, 8), rtol=1e-4)

@@ -7,9 +7,10 @@
 or ``vit`` of ``width``/``depth``. ``seed`` seeds everything, the frozen weights included.
 
 As PEMN's ``src/convmixer/train.py``: AdamW over every trainable parameter (the BatchNorm affines
-are decayed too: ``decay_1d_params``), plain cross-entropy (no label smoothing, no mixup). The
-batch, epochs, augmentation and the schedule (cosine here; upstream a per-step linear ramp
-0 -> lr at 2/5 of the epochs -> lr/20 at 4/5 -> 0) are the digits adaptation (README table).
+are decayed too: ``decay_1d_params``), plain cross-entropy (no label smoothing, no mixup), and its
+per-step learning rate ``np.interp(t, [0, E*2//5, E*4//5, E], [0, lr, lr/20, 0])`` at ``t = (step+1) /
+steps_per_epoch`` (``lr_schedule="piecewise_linear"``, no separate warmup; ``min_lr`` unused). The
+batch, epochs and augmentation are the digits adaptation (README table).
 """
 from configs import common
 
@@ -25,11 +26,12 @@ def get_config(arg=None):
         raise ValueError(f"unknown model {arg.model!r}; expected 'convmixer' or 'vit'")
     # PEMN trains scores with AdamW at a large lr (0.01-0.05, wd 0.005-0.01); the dense twin uses the same.
     c = common.digits_config(model=f"pemn_{arg.model}_{arg.width}_{arg.depth}", image_size=arg.image_size,
-                             epochs=arg.epochs, lr=1e-2, warmup_epochs=1, runlocal=arg.runlocal)
+                             epochs=arg.epochs, lr=1e-2, warmup_epochs=0, runlocal=arg.runlocal)
     c.seed = arg.seed
     c.wd = 5e-3
     c.decay_1d_params = True               # torch.optim.AdamW(model.parameters()): no exempt group
     c.label_smoothing = 0.0                # nn.CrossEntropyLoss()
+    c.lr_schedule = "piecewise_linear"     # upstream lr_schedule: 0 -> lr at 2E//5 -> lr/20 at 4E//5 -> 0, per step
     kwargs = dict(masked=arg.strategy != "dense", weight_seed=arg.seed)
     if arg.strategy != "dense":
         kwargs.update(keep=arg.keep, weight_strategy="iid" if arg.strategy == "mask" else arg.strategy,

@@ -1,9 +1,14 @@
-"""Learning-rate schedules with timm's ``CosineLRScheduler`` semantics (timm 0.6, upstream recipes).
+"""Learning-rate schedules: timm's ``CosineLRScheduler`` and ConvMixer/PEMN's piecewise-linear ramp.
 
-Cosine from ``lr`` to ``min_lr`` over ``epochs``; a linear warmup from ``warmup_lr`` over the
+``kind="cosine"`` (timm 0.6 semantics, the upstream recipes of most papers): cosine from ``lr`` to ``min_lr`` over ``epochs``; a linear warmup from ``warmup_lr`` over the
 first ``warmup_epochs`` laid *over* the cosine (``warmup_prefix=False``); then ``cooldown_epochs``
 at ``min_lr``. ``per_epoch=True`` steps the rate once per epoch as the official scripts do;
 ``per_epoch=False`` evaluates the same curve at fractional epochs (smoother, same shape).
+
+``kind="piecewise_linear"`` (:func:`piecewise_linear_lr`): PEMN's ``src/convmixer/train.py`` (from
+ConvMixer's CIFAR script), per optimizer step, ``np.interp([t], [0, E*2//5, E*4//5, E], [0, lr,
+lr/20, 0])`` with integer-division knots, at ``t = epoch + (i+1)/len(loader)`` for batch ``i``: the
+``s``-th update (optax count ``s``, from 0) uses ``t = (s+1)/steps_per_epoch``.
 """
 from __future__ import annotations
 
@@ -24,19 +29,53 @@ def cosine_lr(epoch, *, lr: float, min_lr: float, epochs: int, warmup_epochs: fl
     return cosine
 
 
-SCHEDULES = ("cosine",)
+def piecewise_linear_lr(epoch, *, lr: float, epochs: int):
+    """PEMN/ConvMixer's ramp at (fractional) ``epoch``, exactly ``np.interp`` over the upstream knots.
+
+    Linear 0 -> ``lr`` over ``[0, epochs*2//5]``, -> ``lr/20`` at ``epochs*4//5``, -> 0 at ``epochs``;
+    0 from ``epochs`` on. The knots use Python's integer division, as upstream, so they can coincide
+    for small ``epochs`` (``epochs=2``: ``[0, 0, 1, 2]``, the ramp up vanishes); where they do, the
+    value right of the knot is the later segment's, as ``np.interp`` gives.
+    """
+    epoch = jnp.asarray(epoch, jnp.float32)
+    knots = (0, epochs * 2 // 5, epochs * 4 // 5, epochs)
+    values = (0.0, lr, lr / 20.0, 0.0)
+    out = jnp.zeros_like(epoch)                  # np.interp: fp[0] left of 0, fp[-1] from epochs on
+    for k in range(3):
+        x0, x1, y0, y1 = knots[k], knots[k + 1], values[k], values[k + 1]
+        if x1 > x0:
+            seg = y0 + (epoch - x0) * ((y1 - y0) / (x1 - x0))
+            out = jnp.where((epoch >= x0) & (epoch < x1), seg, out)
+    return out
+
+
+SCHEDULES = ("cosine", "piecewise_linear")
 
 
 def make_schedule(*, lr: float, min_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0,
                   warmup_lr: float = 1e-6, per_epoch: bool = True, kind: str = "cosine") -> optax.Schedule:
-    """An optax schedule (step -> lr) for :func:`cosine_lr`; cooldown epochs simply run at min_lr.
+    """An optax schedule (step -> lr); ``kind`` names it (one of :data:`SCHEDULES`).
 
-    ``kind`` names the schedule (one of :data:`SCHEDULES`).
+    ``"cosine"``: :func:`cosine_lr`; cooldown epochs simply run at min_lr.
+    ``"piecewise_linear"``: :func:`piecewise_linear_lr` at ``(step + 1) / steps_per_epoch`` (upstream
+    sets the rate for batch ``i`` of an epoch at ``epoch + (i+1)/len(loader)`` before its update). It
+    has its own warmup and ends at 0: ``min_lr`` and ``warmup_lr`` are ignored, and ``warmup_epochs``
+    must be 0 and ``per_epoch`` False (upstream is per step), else ``ValueError``.
     """
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
     if kind not in SCHEDULES:
         raise ValueError(f"unknown lr_schedule {kind!r}; expected one of {SCHEDULES}")
+    if kind == "piecewise_linear":
+        if warmup_epochs:
+            raise ValueError(f"lr_schedule 'piecewise_linear' ramps up by itself; warmup_epochs must be 0, "
+                             f"got {warmup_epochs}")
+        if per_epoch:
+            raise ValueError("lr_schedule 'piecewise_linear' is per step; set per_epoch (schedule_per_epoch) False")
+        if epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {epochs}")
+        return lambda step: piecewise_linear_lr((jnp.asarray(step, jnp.float32) + 1) / steps_per_epoch,
+                                                lr=lr, epochs=epochs)
 
     def schedule(step):
         epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
