@@ -228,15 +228,14 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
     from flax import nnx
 
     from lib import sharding, zoo
+    from lib.tasks.classification import Classification
     from lib.train import optim, step as step_lib
 
-    info = zoo.model_info(model_name)
-    if len(info.input_size) == 3:
-        res = resolution or info.input_size[0]
-        shape = (batch, res, res, info.input_size[2])
-    else:  # points, e.g. the 2-D toy
-        res = None
-        shape = (batch, *info.input_size)
+    one = zoo.model_info(model_name).example_input   # one input's shape and dtype, no batch axis
+    # (H, W, C) images: --resolution replaces H and W; points (the 2-D toy), token ids: no resolution
+    res = (resolution or one.shape[0]) if len(one.shape) == 3 else None
+    example = zoo.example_input(model_name, batch, resolution=res)
+    shape = example.shape
     result = {"framework": "jax", "model": model_name, "mode": mode, "batch": batch, "resolution": res,
               "dtype": dtype, "devices": args.devices, "threads": args.threads, "remat": bool(args.remat),
               "host_malloc": args.host_malloc, "host_malloc_applied": args.host_malloc_applied,
@@ -255,7 +254,10 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
     result["num_params"] = zoo.count_params(model)
 
     rng = np.random.default_rng(args.seed)
-    images = rng.standard_normal(shape, dtype=np.float32)
+    if np.issubdtype(example.dtype, np.integer):   # e.g. token ids: 0 is in every vocabulary
+        images = np.zeros(shape, example.dtype)
+    else:
+        images = rng.standard_normal(shape, dtype=np.float32).astype(example.dtype)
     labels = rng.integers(0, args.num_classes, (batch,), dtype=np.int32)
     if mesh is not None:
         img_sh = sharding.batch_sharding(mesh, ndim=len(shape))
@@ -282,15 +284,15 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
     else:
         model.train()
         tx = optim.make_optimizer(lambda s: 1e-3)
-        graphdef, state = step_lib.init_train_state(model, tx, ema=False)
+        graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False)
         del model
-        cfg = step_lib.StepConfig(num_classes=args.num_classes, label_smoothing=0.1)
+        task = Classification(args.num_classes, label_smoothing=0.1)
         if mesh is not None:
             st_sh = step_lib.shardings_of(state)
             b_sh = {"image": img_sh, "label": lbl_sh}
         else:
             st_sh = b_sh = None
-        fn = step_lib.make_train_step(graphdef, tx, cfg, base_key=jax.random.key(args.seed),
+        fn = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, base_key=jax.random.key(args.seed),
                                       state_shardings=st_sh, batch_shardings=b_sh, donate=True)
         batch_tree = {"image": images, "label": labels}
         t0 = time.perf_counter()
@@ -300,7 +302,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
         del state
 
         def call():
-            box[0], metrics = compiled(box[0], batch_tree)  # state donated: thread it through
+            box[0], metrics = compiled(box[0], fn.frozen, batch_tree, fn.consts)  # state donated: thread it through
             return box[0], metrics
 
     t0 = time.perf_counter()

@@ -7,16 +7,25 @@
     zoo.save_weights(model, "/ckpt/starnet_s1")             # the project's own format (orbax)
     model = zoo.create_model("starnet_s1", weights="/ckpt/starnet_s1")   # either format
 
-Models take float32 NHWC images and return logits; ``model.eval()`` / ``model.train()`` switch
-BatchNorm and DropPath. Projects register their models with :func:`register_model`; the
-registry is filled by importing the project modules listed in ``_PROJECT_MODULES``.
+The contract: a registered model is an ``nnx.Module`` called on one batched array, the batch of
+the model's example input (``model_info(name).example_input``, a ``jax.ShapeDtypeStruct``
+without the batch axis): e.g. float32 NHWC images ``(224, 224, 3)`` for the vision
+classifiers, int32 token ids ``(seq,)`` for a language model, float32 points ``(2,)`` for the
+2-D toy. What it returns is the model's own business (logits, features, a pytree of them).
+The zoo knows nothing of classes: ``num_classes`` is an ordinary constructor argument, passed
+to the factory only when the caller gives it (classifiers have their own default, 1000).
+``model.eval()`` / ``model.train()`` switch BatchNorm and DropPath where a model has them.
+
+Projects register their models with :func:`register_model` in a module named by an entry
+point of the group ``starjax.models`` (``setup.cfg``, ``[options.entry_points]``); the registry
+is filled, on first use, by loading every entry point of that group. ``lib`` names no project.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import fnmatch
-import importlib
+import importlib.metadata
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -24,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -33,9 +43,12 @@ from lib.convert import torch_to_nnx
 from lib.convert.torch_to_nnx import ConversionReport, WeightConversionError  # noqa: F401 (re-export)
 from lib.layers import masked
 
-# Project modules whose import registers models. A new paper adds its models module here.
-_PROJECT_MODULES = ("projects.starnet.models", "projects.efficientmod.models", "projects.coc.models",
-                    "projects.fcvit.models", "projects.pemn.models")
+# The entry-point group whose modules register models when imported. A package adds its models
+# with e.g. ``starnet = projects.starnet.models`` under ``starjax.models`` in its setup.cfg.
+ENTRY_POINT_GROUP = "starjax.models"
+
+# The example input a model gets when its registration states none: one 224x224 RGB image.
+IMAGE_224 = jax.ShapeDtypeStruct((224, 224, 3), jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +56,14 @@ class ModelInfo:
     name: str
     factory: Callable[..., nnx.Module]
     key_map: Callable[[str], str | None] | None   # torch module path -> NNX module path
-    input_size: tuple[int, ...]                   # (H, W, C) a model expects, or (features,)
+    example_input: jax.ShapeDtypeStruct            # one example's shape and dtype (no batch axis)
     pretrained: str | None                        # where official weights come from, if any
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """The example input's shape, e.g. (H, W, C) or (features,) (the older name; the dtype is in
+        :attr:`example_input`)."""
+        return tuple(self.example_input.shape)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -52,21 +71,49 @@ _loaded = False
 
 
 def register_model(name: str, factory: Callable[..., nnx.Module], *, key_map=None,
-                   input_size: tuple[int, ...] = (224, 224, 3), pretrained: str | None = None) -> None:
-    """Register ``factory(num_classes=..., rngs=nnx.Rngs, **overrides) -> nnx.Module``."""
+                   example_input: jax.ShapeDtypeStruct | None = None, input_size: tuple[int, ...] | None = None,
+                   pretrained: str | None = None) -> None:
+    """Register ``factory(*, rngs=nnx.Rngs, **overrides) -> nnx.Module``.
+
+    Args:
+      factory: builds the model from keyword arguments only; ``rngs`` always, plus whatever the
+        caller of :func:`create_model` overrides (a classifier takes ``num_classes`` and gives it
+        its own default; a model without classes does not take it).
+      key_map: torch module path -> NNX module path, for official PyTorch checkpoints.
+      example_input: the shape and dtype of one input without the batch axis, as a
+        ``jax.ShapeDtypeStruct``: ``(224, 224, 3) float32`` images (the default, :data:`IMAGE_224`),
+        ``(seq,) int32`` token ids, ``(2,) float32`` points.
+      input_size: the older form, a float32 ``example_input`` of this shape.
+      pretrained: where official weights come from, if anywhere.
+    """
     if name != name.lower():
         raise ValueError(f"model names are lowercase, got {name!r}")
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = ModelInfo(name, factory, key_map, tuple(input_size), pretrained)
+    if input_size is not None:
+        if example_input is not None:
+            raise ValueError(f"{name}: give example_input or input_size, not both")
+        example_input = jax.ShapeDtypeStruct(tuple(input_size), jnp.float32)
+    example_input = IMAGE_224 if example_input is None else example_input
+    if not (hasattr(example_input, "shape") and hasattr(example_input, "dtype")):
+        raise TypeError(f"{name}: example_input must be a jax.ShapeDtypeStruct, got {example_input!r}")
+    example_input = jax.ShapeDtypeStruct(tuple(int(d) for d in example_input.shape), example_input.dtype)
+    _REGISTRY[name] = ModelInfo(name, factory, key_map, example_input, pretrained)
 
 
 def _ensure_loaded() -> None:
+    """Import every module named by an entry point of :data:`ENTRY_POINT_GROUP` (once)."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _PROJECT_MODULES:
-            importlib.import_module(module)
+    if _loaded:
+        return
+    _loaded = True
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+        try:
+            ep.load()
+        except Exception as e:
+            _loaded = False   # the next call tries again (and fails again) rather than list a partial zoo
+            raise ImportError(f"loading the models of entry point {ep.name} = {ep.value} "
+                              f"(group {ENTRY_POINT_GROUP!r}) failed: {e}") from e
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -81,9 +128,27 @@ def model_info(name: str) -> ModelInfo:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        if not importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            hint += (f" No package declares models (entry-point group {ENTRY_POINT_GROUP!r}): install this one "
+                     f"(pip install -e .) so its models register.")
         raise ValueError(f"unknown model {name!r}.{hint} See lib.zoo.list_models() for all "
                          f"{len(_REGISTRY)} models.")
     return _REGISTRY[name]
+
+
+def example_input(name: str, batch_size: int = 1, *, resolution: int | None = None) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of a batch for model ``name``: its example input with a leading batch axis.
+
+    ``resolution`` replaces the height and width of an image input ``(H, W, C)``; other inputs
+    refuse it.
+    """
+    ex = model_info(name).example_input
+    shape = tuple(ex.shape)
+    if resolution is not None:
+        if len(shape) != 3:
+            raise ValueError(f"{name} takes {shape} {ex.dtype} inputs, not (H, W, C) images; resolution does not apply")
+        shape = (resolution, resolution, shape[2])
+    return jax.ShapeDtypeStruct((batch_size, *shape), ex.dtype)
 
 
 def _rngs_key(rngs: int | jax.Array | nnx.Rngs) -> jax.Array:
@@ -94,14 +159,13 @@ def _rngs_key(rngs: int | jax.Array | nnx.Rngs) -> jax.Array:
     return rngs
 
 
-def create_model(name: str, *, num_classes: int = 1000, rngs: int | jax.Array | nnx.Rngs = 0,
+def create_model(name: str, *, rngs: int | jax.Array | nnx.Rngs = 0,
                  abstract: bool = False, mesh: Mesh | None = None,
                  sharding_rules=sharding.DEFAULT_RULES, weights: str | Path | None = None,
                  **overrides) -> nnx.Module:
     """Build a registered model.
 
     Args:
-      num_classes: size of the classifier; 0 gives a backbone returning pooled features.
       rngs: an int seed, a key or an ``nnx.Rngs`` (its ``params`` stream gives the init key;
         DropPath streams are derived from the same key).
       abstract: return the model with ``jax.ShapeDtypeStruct`` leaves (shapes only, no memory);
@@ -110,7 +174,11 @@ def create_model(name: str, *, num_classes: int = 1000, rngs: int | jax.Array | 
         large model never exists whole on one device.
       weights: a directory written by :func:`save_weights` (restored straight into the sharded
         parameters) or an official PyTorch checkpoint file, loaded strictly (:func:`load_pretrained`).
-      **overrides: model constructor arguments, e.g. ``drop_path_rate=0.1`` or ``dtype=jnp.bfloat16``.
+      **overrides: model constructor arguments, passed to the factory as given, e.g.
+        ``num_classes=10`` (a classifier's size; 0 gives a backbone returning pooled features;
+        left out, the factory's own default, 1000 for the ImageNet classifiers),
+        ``drop_path_rate=0.1`` or ``dtype=jnp.bfloat16``. Models without classes take no
+        ``num_classes``.
     """
     info = model_info(name)
     key = _rngs_key(rngs)
@@ -119,21 +187,20 @@ def create_model(name: str, *, num_classes: int = 1000, rngs: int | jax.Array | 
         # Initial values use the non-partitionable threefry: the same numbers whatever the mesh, and
         # the init program compiles ~3x faster on XLA:CPU. (Training randomness keeps JAX's default.)
         with jax.threefry_partitionable(False):
-            return info.factory(num_classes=num_classes, rngs=nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)),
-                                **overrides)
+            return info.factory(rngs=nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)), **overrides)
 
-    abstract_model = nnx.eval_shape(lambda: build(key))
-    graphdef, abstract_state = nnx.split(abstract_model)
-    shardings = sharding.state_shardings(abstract_state, mesh, sharding_rules) if mesh is not None else None
-    if abstract:
-        if shardings is not None:
+    if mesh is None:
+        if abstract:
+            return nnx.eval_shape(lambda: build(key))
+        model = build(key)
+    else:  # the shapes first, for the shardings
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build(key)))
+        shardings = sharding.state_shardings(abstract_state, mesh, sharding_rules)
+        if abstract:
             abstract_state = jax.tree.map(
                 lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
                 abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        return nnx.merge(graphdef, abstract_state)
-    if mesh is None:
-        model = build(key)
-    else:
+            return nnx.merge(graphdef, abstract_state)
         model = nnx.merge(graphdef, jax.jit(lambda k: nnx.split(build(k))[1], out_shardings=shardings)(key))
     if weights is not None:  # restored over the (sharded) initial values, shard by shard
         load_pretrained(model, weights, mesh=mesh, sharding_rules=sharding_rules)

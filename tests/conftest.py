@@ -81,11 +81,13 @@ def _register_tiny_models():
     from projects.starnet.models import DemoNet, StarNet
     if "test_starnet_tiny" not in zoo.list_models():
         zoo.register_model("test_starnet_tiny",
-                           lambda *, num_classes, rngs, **kw: StarNet(8, (1, 1, 1, 1), 2, num_classes=num_classes,
-                                                                      rngs=rngs, **kw))
+                           lambda *, num_classes=10, rngs, **kw: StarNet(8, (1, 1, 1, 1), 2, num_classes=num_classes,
+                                                                         rngs=rngs, **kw),
+                           example_input=jax.ShapeDtypeStruct((32, 32, 3), np.float32))
         zoo.register_model("test_demonet_tiny",  # LayerNorm only: no batch statistics
-                           lambda *, num_classes, rngs, **kw: DemoNet(16, 2, "mul", num_classes=num_classes,
-                                                                      layer_scale_init=1.0, rngs=rngs, **kw))
+                           lambda *, num_classes=10, rngs, **kw: DemoNet(16, 2, "mul", num_classes=num_classes,
+                                                                         layer_scale_init=1.0, rngs=rngs, **kw),
+                           example_input=jax.ShapeDtypeStruct((32, 32, 3), np.float32))
 
 
 _register_tiny_models()

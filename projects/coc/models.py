@@ -165,11 +165,11 @@ for _size, _base in (("small", _SMALL), ("medium", _MEDIUM)):
 
 
 def _factory(spec):
-    def factory(*, num_classes, rngs, **kw):  # overrides may replace the variant's own settings
+    def factory(*, num_classes=1000, rngs, **kw):  # overrides may replace the variant's own settings
         return ContextCluster(**{**spec, **kw}, num_classes=num_classes, rngs=rngs)
     return factory
 
 
 for _name, _spec in COC_VARIANTS.items():
     # The official weights are Google Drive folders (no direct URL): see the project README.
-    zoo.register_model(_name, _factory(_spec), key_map=convert.coc_key_map)
+    zoo.register_model(_name, _factory(_spec), key_map=convert.coc_key_map, example_input=zoo.IMAGE_224)

@@ -155,10 +155,11 @@ def variant_kwargs(name: str) -> dict:
 
 
 def _factory(name):
-    def factory(*, num_classes, rngs, **overrides):
+    def factory(*, num_classes=1000, rngs, **overrides):
         return EfficientMod(**{**variant_kwargs(name), **overrides}, num_classes=num_classes, rngs=rngs)
     return factory
 
 
 for _name in EFFICIENTMOD_VARIANTS:
-    zoo.register_model(_name, _factory(_name), key_map=convert.efficientmod_key_map, pretrained=_DRIVE[_name])
+    zoo.register_model(_name, _factory(_name), key_map=convert.efficientmod_key_map, example_input=zoo.IMAGE_224,
+                       pretrained=_DRIVE[_name])

@@ -145,11 +145,11 @@ FCVIT_WEIGHTS = {
 
 
 def _fcvit_factory(depths, dims, mlp_ratios):
-    def factory(*, num_classes, rngs, **kw):
+    def factory(*, num_classes=1000, rngs, **kw):
         return FCViT(depths, dims, mlp_ratios, num_classes=num_classes, rngs=rngs, **kw)
     return factory
 
 
 for _name, (_depths, _dims, _ratios, _crop) in FCVIT_VARIANTS.items():
     zoo.register_model(_name, _fcvit_factory(_depths, _dims, _ratios), key_map=convert.fcvit_key_map,
-                       pretrained=FCVIT_WEIGHTS[_name])
+                       example_input=zoo.IMAGE_224, pretrained=FCVIT_WEIGHTS[_name])

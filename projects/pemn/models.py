@@ -205,21 +205,22 @@ class ViT(nnx.Module):
 CONVMIXER_VARIANTS = {(256, 6), (256, 8), (512, 6), (512, 8), (32, 4), (64, 4)}
 # ViT (dim, depth, heads, patch): the paper's sizes at 32x32, plus a small one for digits.
 VIT_VARIANTS = {"pemn_vit_256_6": (256, 6, 4, 4), "pemn_vit_512_6": (512, 6, 8, 4), "pemn_vit_64_4": (64, 4, 4, 2)}
+CIFAR_INPUT = jax.ShapeDtypeStruct((32, 32, 3), jnp.float32)   # the paper's CIFAR images
 
 
 def _convmixer_factory(dim, depth):
-    def factory(*, num_classes, rngs, **kw):
+    def factory(*, num_classes=1000, rngs, **kw):
         return ConvMixer(dim, depth, num_classes=num_classes, rngs=rngs, **kw)
     return factory
 
 
 def _vit_factory(dim, depth, heads, patch):
-    def factory(*, num_classes, rngs, **kw):
+    def factory(*, num_classes=1000, rngs, **kw):
         return ViT(dim, depth, heads, patch_size=patch, num_classes=num_classes, rngs=rngs, **kw)
     return factory
 
 
 for _dim, _depth in sorted(CONVMIXER_VARIANTS):
-    zoo.register_model(f"pemn_convmixer_{_dim}_{_depth}", _convmixer_factory(_dim, _depth), input_size=(32, 32, 3))
+    zoo.register_model(f"pemn_convmixer_{_dim}_{_depth}", _convmixer_factory(_dim, _depth), example_input=CIFAR_INPUT)
 for _name, _args in VIT_VARIANTS.items():
-    zoo.register_model(_name, _vit_factory(*_args), input_size=(32, 32, 3))
+    zoo.register_model(_name, _vit_factory(*_args), example_input=CIFAR_INPUT)

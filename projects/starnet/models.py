@@ -175,32 +175,33 @@ DEMONET_DEPTHS = tuple(range(6, 25, 2))
 
 
 def _starnet_factory(base_dim, depths, mlp_ratio):
-    def factory(*, num_classes, rngs, **kw):
+    def factory(*, num_classes=1000, rngs, **kw):
         return StarNet(base_dim, depths, mlp_ratio, num_classes=num_classes, rngs=rngs, **kw)
     return factory
 
 
 def _demonet_factory(dim, depth, mode):
-    def factory(*, num_classes, rngs, **kw):
+    def factory(*, num_classes=1000, rngs, **kw):
         return DemoNet(dim, depth, mode, num_classes=num_classes, rngs=rngs, **kw)
     return factory
 
 
 def _toy_factory(mode):
-    def factory(*, num_classes, rngs, **kw):
+    def factory(*, num_classes=1000, rngs, **kw):
         return DemoNet2D(mode=mode, num_classes=num_classes, rngs=rngs, **kw)
     return factory
 
 
 for _name, (_dim, _depths, _ratio) in STARNET_VARIANTS.items():
     zoo.register_model(_name, _starnet_factory(_dim, _depths, _ratio), key_map=convert.starnet_key_map,
-                       pretrained=_RELEASE.format(_name) if _name in _RELEASED else None)
+                       example_input=zoo.IMAGE_224, pretrained=_RELEASE.format(_name) if _name in _RELEASED else None)
 
 _demonet_shapes = {(12, w) for w in DEMONET_WIDTHS} | {(d, 192) for d in DEMONET_DEPTHS}
 for _depth, _width in sorted(_demonet_shapes):
     for _mode in ("sum", "mul"):
         zoo.register_model(f"demonet_d{_depth}_w{_width}_{_mode}", _demonet_factory(_width, _depth, _mode),
-                           key_map=convert.demonet_key_map)
+                           key_map=convert.demonet_key_map, example_input=zoo.IMAGE_224)
 
 for _mode in ("sum", "mul"):
-    zoo.register_model(f"demonet_2d_{_mode}", _toy_factory(_mode), input_size=(2,))
+    zoo.register_model(f"demonet_2d_{_mode}", _toy_factory(_mode),  # points [B, 2]
+                       example_input=jax.ShapeDtypeStruct((2,), jnp.float32))
