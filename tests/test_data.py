@@ -156,6 +156,28 @@ def test_eval_pass_is_ordered_and_padded_with_a_validity_mask():
     assert_batches_equal(batches, list(pipe))   # a second pass is identical
 
 
+class SideDataSource(IndexSource):
+    """IndexSource whose examples also carry side data a task may attach (any keys, any shapes)."""
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "tokens": np.full((3,), i + 1, np.int32), "soft": np.float32(i + 0.5)}
+
+
+def test_side_data_passes_through_both_pipelines_and_eval_padding_covers_every_key():
+    cfg, src = small_cfg(), SideDataSource(10)
+    val = list(data.make_pipeline(cfg, train=False, batch_size=4, seed=0, process_index=0, process_count=1,
+                                  source=src))
+    tokens = np.concatenate([b["tokens"] for b in val])
+    np.testing.assert_array_equal(tokens[:10, 0], np.arange(1, 11))
+    np.testing.assert_array_equal(tokens[10:], 0)                      # padding: zeros of the same shape
+    assert tokens.dtype == np.int32 and val[-1]["soft"].dtype == np.float32
+    np.testing.assert_array_equal(np.concatenate([b["valid"] for b in val]), [1] * 10 + [0] * 2)
+    train = next(iter(data.make_pipeline(cfg, train=True, batch_size=4, seed=0, process_index=0, process_count=1,
+                                         source=src)))
+    np.testing.assert_array_equal(train["tokens"][:, 0], train["label"] + 1)   # rides with its own example
+    assert "valid" not in train
+
+
 def test_multiprocess_workers_give_the_same_batches():
     cfg, src = small_cfg(), IndexSource(24)
     make = functools.partial(data.make_pipeline, train=True, batch_size=4, seed=0, process_index=0,

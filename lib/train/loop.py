@@ -73,11 +73,13 @@ def validate(config, workdir: Path):
                           f"micro-batches that each divide by the data-parallel size {data_size}")
     if config.get("compute_dtype", "float32") not in ("float32", "bfloat16"):
         raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got {config.compute_dtype!r}")
+    if config.get("lr_schedule", "cosine") not in schedules.SCHEDULES:
+        raise ConfigError(f"unknown lr_schedule {config.lr_schedule!r}; expected one of {schedules.SCHEDULES}")
     if config.get("bn_stats", "global") not in ("global", "per_shard"):
         raise ConfigError(f"bn_stats must be 'global' or 'per_shard', got {config.bn_stats!r}")
     try:
         data.pipeline.validate_config(config.input, batch_size=config.input.batch_size // jax.process_count())
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     if config.get("distill"):
         from lib.tasks import distillation
