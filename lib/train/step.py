@@ -9,9 +9,9 @@ The model is split once, outside ``jit``, three ways (:func:`split_model`):
 * ``rest``: mutable non-trained state (BatchNorm statistics, RNG streams), carried through the step.
 
 The step merges them inside ``jax.jit`` (taking ``jax.grad`` over a whole module would silently drop
-the BatchNorm updates), asks the task for its loss as ``(sum, count)``, differentiates the sum and
-divides by the count of the whole batch, so gradient accumulation over micro-batches of any
-weighting (token counts) equals one large batch. In/out shardings are explicit; the state is donated.
+the BatchNorm updates), asks the task for its loss as ``(sum, count)`` and differentiates the mean
+``sum / count``; with gradient accumulation each micro-batch's gradient is weighted by its share of
+the total count, so micro-batches of any weighting (token counts) equal one large batch. In/out shardings are explicit; the state is donated.
 
 The train state is a plain dict, which is also exactly what a checkpoint holds:
 ``params``, ``rest``, ``opt`` (optax), ``ema`` (an EMA of params, or None), ``step`` (int32 scalar).
@@ -127,6 +127,7 @@ class TrainStep:
 
 
 _TASK_CONSTANTS = object()
+_TINY = 1e-12   # a count floor: a micro-batch with nothing to count (all tokens masked) adds zero, not NaN
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, frozen, base_key: jax.Array,
@@ -143,14 +144,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, f
     consts = task.constants() if consts is _TASK_CONSTANTS else consts
 
     def micro_step(params, rest, batch, key, frozen, consts):
+        """Loss (sum, count), metrics, new mutable state and the gradient of the micro-batch's mean."""
         def loss_fn(p):  # copy: fresh Variables at this trace level, so BatchNorm may update them
             model = nnx.merge(graphdef, p, frozen, rest, copy=True)
             nnx.reseed(model, dropout=jax.random.fold_in(key, 1), policy=_stream_policy)
             (total, count), metrics = task.loss(model, batch, key, consts)
             new_rest = nnx.split(model, trainable, FROZEN, ...)[3]
-            return total, (count, metrics, new_rest)
+            return total / jnp.maximum(count, _TINY), (total, count, metrics, new_rest)
 
-        (total, (count, metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (_, (total, count, metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return (total, count), metrics, rest, grads
 
     def step(state, frozen, batch, consts):
@@ -158,17 +160,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, f
         params, rest = state["params"], state["rest"]
         if k == 1:
             loss, metrics, rest, grads = micro_step(params, rest, batch, key, frozen, consts)
-        else:  # equal micro-batches; sums and counts added up: the same as one k-times larger batch
+        else:  # equal micro-batches: the gradient of the mean over all of them, weighted by their counts
             micro = _leading_size(batch) // k
+            outs = []
             for i in range(k):
                 part = jax.tree.map(lambda v: v[i * micro:(i + 1) * micro], batch)
-                out = micro_step(params, rest, part, jax.random.fold_in(key, 2 + i), frozen, consts)
-                if i == 0:
-                    loss, metrics, rest, grads = out
-                else:
-                    loss, metrics, grads = jax.tree.map(jnp.add, (loss, metrics, grads), (out[0], out[1], out[3]))
-                    rest = out[2]
-        grads = jax.tree.map(lambda g: g / loss[1], grads)
+                outs.append(micro_step(params, rest, part, jax.random.fold_in(key, 2 + i), frozen, consts))
+                rest = outs[-1][2]
+            loss, metrics = jax.tree.map(lambda *x: sum(x), *[(o[0], o[1]) for o in outs])
+            total_count = jnp.maximum(loss[1], _TINY)
+            grads = jax.tree.map(jnp.zeros_like, params)
+            for (_, count), _, _, g in outs:
+                grads = jax.tree.map(lambda s, x: s + x * (count / total_count), grads, g)
         updates, opt = tx.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
         ema = state["ema"]
