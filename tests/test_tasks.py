@@ -1,7 +1,7 @@
 """The task interface and trainable subsets: what the one step and loop promise every task.
 
-(sum, count) losses make accumulation exact for unequally weighted micro-batches; only the
-trainable subset has optimizer state; frozen state is bitwise untouched and never donated; a task
+Only the trainable subset has optimizer state (accumulation with unequal counts per micro-batch:
+tests/test_train.py); frozen state is bitwise untouched and never donated; a task
 may own trained modules (dropped by ``unwrap`` for best/) and constants; bad filters fail early.
 """
 import re
@@ -61,37 +61,6 @@ def test_frozen_state_is_bitwise_unchanged_after_10_donated_steps():
     # Not donated (a donated array would be deleted) and bitwise equal.
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), train.frozen, before)
     assert not np.allclose(np.asarray(state["params"]["head"]["fc"]["kernel"][...]), head_before)
-
-
-class WeightedExamples(Classification):
-    """Cross-entropy weighted per example by ``batch["w"]`` (zeros included): micro-batches of one
-    step then carry different counts, as token-weighted language-model losses do."""
-
-    def loss(self, model, batch, key, consts):
-        logits = model(batch["image"])
-        ce = losses.cross_entropy(logits, batch["label"])
-        return weighted(ce, batch["w"]), {"top1": weighted(losses.topk_correct(logits, batch["label"], 1), batch["w"])}
-
-
-def test_accumulation_is_exact_for_unequal_counts_per_micro_batch():
-    model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
-    tx = optim.make_optimizer(lambda s: 1e-2, name="sgd")
-    rng = np.random.default_rng(1)
-    w = np.array([1, 1, 1, 1, 0, 0, 0, 1, 2, 0, 1, 0, 3, 1, 1, 1], np.float32)   # counts per quarter: 4, 1, 3, 6
-    batch = {"image": rng.standard_normal((16, 32, 32, 3)).astype(np.float32),
-             "label": rng.integers(0, 10, 16).astype(np.int32), "w": w}
-    out = []
-    for k in (1, 4):
-        graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False)
-        train = step_lib.make_train_step(graphdef, tx, WeightedExamples(10), frozen=frozen, base_key=jax.random.key(0),
-                                         options=step_lib.StepOptions(grad_accum_steps=k), donate=False)
-        out.append(train(state, batch))
-    for a, b in zip(jax.tree.leaves(out[0][0]["params"]), jax.tree.leaves(out[1][0]["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(out[1][1]["loss"], out[0][1]["loss"], rtol=1e-6)
-    # And the loss is the weighted mean, not a mean of per-micro-batch means.
-    ce = np.asarray(losses.cross_entropy(model(batch["image"]), batch["label"]))   # LayerNorm only: no state
-    np.testing.assert_allclose(float(out[0][1]["loss"]), float((ce * w).sum() / w.sum()), rtol=1e-5)
 
 
 class AuxHead(nnx.Module):

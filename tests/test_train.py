@@ -18,8 +18,10 @@ from configs import common
 from configs.starnet import digits, imagenet
 from lib import sharding, zoo
 from lib.layers import masked
+from lib.tasks import losses
 from lib.tasks.classification import Classification
 from lib.train import checkpoint, loop, optim, schedules, step as step_lib
+from lib.train.task import weighted
 
 FSDP_RULES = (("batch", "data"), ("out_channels", "data"), ("classes", "data"))
 
@@ -176,23 +178,43 @@ def test_partial_training_on_8_devices_and_fsdp_equals_single_device():
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got_frozen, frozen)
 
 
-@pytest.mark.parametrize("trainable", [(), ("^head/", "blocks/1/")], ids=["all", "partial"])
+class WeightedExamples(Classification):
+    """Cross-entropy weighted per example by ``batch["w"]`` (zeros included): micro-batches of one
+    step then carry different counts, as token-weighted language-model losses do."""
+
+    def loss(self, model, batch, key, consts):
+        logits = model(batch["image"])
+        ce = losses.cross_entropy(logits, batch["label"])
+        return weighted(ce, batch["w"]), {"top1": weighted(losses.topk_correct(logits, batch["label"], 1), batch["w"])}
+
+
+@pytest.mark.parametrize("trainable", [(), ("^head/", "blocks/1/")], ids=["classification", "partial_weighted"])
 def test_grad_accumulation_equals_one_large_batch(trainable):
+    """Classification over the whole model, and a partial-training task whose 4 micro-batches carry
+    unequal counts (4, 1, 3, 6 of 16 examples): both equal one large batch."""
     model = zoo.create_model("test_demonet_tiny", num_classes=10, rngs=0)
     tx = optim.make_optimizer(lambda s: 1e-2, name="sgd")
     rng = np.random.default_rng(0)
-    batch = {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
-             "label": rng.integers(0, 10, 8).astype(np.int32)}
+    batch = {"image": rng.standard_normal((16, 16, 16, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    task = Classification(10)
+    if trainable:
+        batch["w"] = np.array([1, 1, 1, 1, 0, 0, 0, 1, 2, 0, 1, 0, 3, 1, 1, 1], np.float32)
+        task = WeightedExamples(10)
     trainable = step_lib.trainable_filter(nnx.Param, trainable)
     results = []
     for k in (1, 4):
         graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False, trainable=trainable)
-        train = step_lib.make_train_step(graphdef, tx, Classification(10), frozen=frozen, trainable=trainable,
+        train = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, trainable=trainable,
                                          options=step_lib.StepOptions(grad_accum_steps=k), base_key=jax.random.key(0),
                                          donate=False)
         results.append(train(state, batch))
     _assert_states_close(results[1][0]["params"], results[0][0]["params"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(results[1][1]["loss"], results[0][1]["loss"], rtol=1e-6)
+    # The loss is the weighted mean over the whole batch, not a mean of per-micro-batch means.
+    ce = np.asarray(losses.cross_entropy(model(batch["image"]), batch["label"]))   # LayerNorm only: no state
+    w = batch.get("w", np.ones(16, np.float32))
+    np.testing.assert_allclose(float(results[1][1]["loss"]), float((ce * w).sum() / w.sum()), rtol=1e-5)
 
 
 def test_checkpoint_restores_onto_another_mesh_and_a_single_device(tmp_path):
