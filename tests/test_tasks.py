@@ -115,7 +115,7 @@ def test_a_trainable_filter_matching_nothing_fails_before_compiling(tmp_path, mo
     monkeypatch.setattr(step_lib, "make_train_step", lambda *a, **k: compiled.append(1))
     with pytest.raises(loop.ConfigError, match=re.escape("trainable=['^blocks/9/']: ") + ".*matches no parameter.*head/fc/kernel"):
         loop.run(tiny_config(trainable=["^blocks/9/"]), tmp_path / "run")
-    assert not compiled
+    assert not compiled and not (tmp_path / "run").exists()   # nothing compiled, nothing written
 
 
 def test_the_base_task_names_what_a_subclass_must_define():

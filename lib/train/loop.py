@@ -219,19 +219,32 @@ def _pipelines(config, task, per_process_batch: int):
     return pipeline(config.input, train=True), pipeline(config.input, train=False), extra_evals
 
 
-def _create_model(config, task, mesh, rules) -> tuple[nnx.Module, Any]:
-    """The model as the config builds it (zoo, ``init_from``, per-shard BatchNorm), wrapped by the
-    task, and the trainable filter, checked on the abstract model before anything is compiled."""
-    model_kwargs = {**task.model_kwargs(), **dict(config.model.get("kwargs", {}))}
+def _model_kwargs(config, task) -> dict:
+    kwargs = {**task.model_kwargs(), **dict(config.model.get("kwargs", {}))}
     if config.get("compute_dtype", "float32") == "bfloat16":
-        model_kwargs["dtype"] = jnp.bfloat16
+        kwargs["dtype"] = jnp.bfloat16
+    return kwargs
+
+
+def _wrap_rngs(config) -> nnx.Rngs:
+    return nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), 7))
+
+
+def _trainable(config, task):
+    """The trainable filter, checked on the abstract (wrapped) model: a filter that matches nothing
+    is a :class:`ConfigError` before anything is written or compiled."""
     trainable = step_lib.trainable_filter(task.trainable, tuple(config.get("trainable", ())))
-    wrap_rngs = lambda: nnx.Rngs(jax.random.fold_in(jax.random.key(config.seed), 7))  # noqa: E731
-    abstract = zoo.create_model(config.model.name, rngs=config.seed, abstract=True, **model_kwargs)
+    abstract = zoo.create_model(config.model.name, rngs=config.seed, abstract=True, **_model_kwargs(config, task))
     try:
-        step_lib.split_model(nnx.eval_shape(lambda: task.wrap(abstract, wrap_rngs())), trainable)
+        step_lib.split_model(nnx.eval_shape(lambda: task.wrap(abstract, _wrap_rngs(config))), trainable)
     except step_lib.NothingTrainable as e:
         raise ConfigError(f"trainable={list(config.get('trainable', ()))}: {e}") from None
+    return trainable
+
+
+def _create_model(config, task, mesh, rules) -> nnx.Module:
+    """The model as the config builds it (zoo, ``init_from``, per-shard BatchNorm), wrapped by the task."""
+    model_kwargs = _model_kwargs(config, task)
     model = zoo.create_model(config.model.name, rngs=config.seed, mesh=mesh, sharding_rules=rules, **model_kwargs)
     if config.get("init_from"):
         _init_from(model, config.init_from, config.get("init_from_reinit", ""), use_ema=config.get("init_from_ema", False))
@@ -240,10 +253,10 @@ def _create_model(config, task, mesh, rules) -> tuple[nnx.Module, Any]:
         for _, module in nnx.iter_graph(model):
             if isinstance(module, BatchNorm):
                 module.batch_groups = groups
-    wrapped = task.wrap(model, wrap_rngs())
+    wrapped = task.wrap(model, _wrap_rngs(config))
     if wrapped is not model:  # the task's own modules join the model on the mesh
         nnx.update(wrapped, sharding.place(nnx.state(wrapped), mesh, rules))
-    return wrapped, trainable
+    return wrapped
 
 
 def setup(config, workdir: str | Path) -> Run:
@@ -251,22 +264,23 @@ def setup(config, workdir: str | Path) -> Run:
     and restore the latest checkpoint of ``workdir`` if there is one."""
     workdir = Path(workdir).absolute()
     mesh = validate(config, workdir)
-    workdir.mkdir(exist_ok=True)
-    if _is_main():
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        (workdir / "provenance.json").write_text(json.dumps(_provenance(), indent=2))
-    set_conv_impl(config.get("conv_impl", "auto"))
     rules = tuple(tuple(r) for r in config.sharding_rules)
     try:
         task = tasks.from_config(config, mesh=mesh, sharding_rules=rules)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    trainable = _trainable(config, task)
+    workdir.mkdir(exist_ok=True)
+    if _is_main():
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (workdir / "provenance.json").write_text(json.dumps(_provenance(), indent=2))
+    set_conv_impl(config.get("conv_impl", "auto"))
     if task.constants() is not None:
         _print(f"task {type(task).__name__}: constants of {sum(x.size for x in jax.tree.leaves(task.constants())):,} "
                f"values (e.g. a teacher)")
     train_data, eval_data, extra_evals = _pipelines(config, task, config.input.batch_size // jax.process_count())
     steps_per_epoch = train_data.spec.steps_per_epoch
-    model, trainable = _create_model(config, task, mesh, rules)
+    model = _create_model(config, task, mesh, rules)
 
     total_epochs = config.total_epochs + config.get("cooldown_epochs", 0)
     total_steps = config.get("total_steps") or int(math.ceil(total_epochs * steps_per_epoch))
