@@ -67,14 +67,9 @@ class DataSpec:
     num_examples: int          # real examples of the split in this process's shard
     batch_size: int            # examples per batch in this process
     steps_per_epoch: int       # train: num_examples // batch_size; eval: batches of one pass
-    num_classes: int | None    # None when the source does not know
-    image_size: int
+    num_classes: int | None    # what the source reports (its ``num_classes``), None when it has none
     process_index: int
     process_count: int
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.image_size, self.image_size, 3)
 
 
 class Pipeline:
@@ -298,7 +293,7 @@ def make_pipeline(input_cfg: Any, *, train: bool, batch_size: int, seed: int,
         # down, so epoch e re-seeds both the shuffle and the augmentation of every example.
         ds = ds.random_map(_KeepSideData(transform)).batch(batch_size, drop_remainder=True).repeat()
         spec = DataSpec(num_examples=per_process, batch_size=batch_size, steps_per_epoch=per_process // batch_size,
-                        num_classes=num_classes, image_size=image_size, process_index=process_index,
+                        num_classes=num_classes, process_index=process_index,
                         process_count=process_count)
         return Pipeline(_finish(ds, cfg), spec, train=True)
 
@@ -314,6 +309,6 @@ def make_pipeline(input_cfg: Any, *, train: bool, batch_size: int, seed: int,
         ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source(_Constant(pad, num_padding))])
     ds = ds.batch(batch_size, drop_remainder=False)
     spec = DataSpec(num_examples=len(shard), batch_size=batch_size, steps_per_epoch=num_batches,
-                    num_classes=num_classes, image_size=image_size, process_index=process_index,
+                    num_classes=num_classes, process_index=process_index,
                     process_count=process_count)
     return Pipeline(_finish(ds, cfg), spec, train=False)
