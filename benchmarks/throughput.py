@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "both frameworks' processes before they start, so large buffers are not page-faulted "
                    "afresh every step; default: glibc's own settings")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--trainable", action="append", default=[], metavar="REGEX",
+                   help="train mode: train only the parameters whose path matches (repeatable; "
+                        "config.trainable of the training loop); the rest is frozen")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--all-zoo", nargs="?", const="*", default=None, metavar="PATTERN",
                    help="smoke check: every zoo model (matching PATTERN) once, infer, batch 2, 1+1 steps")
@@ -284,7 +287,9 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
     else:
         model.train()
         tx = optim.make_optimizer(lambda s: 1e-3)
-        graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False)
+        trainable = step_lib.trainable_filter(nnx.Param, args.trainable)
+        graphdef, state, frozen = step_lib.init_train_state(model, tx, ema=False, trainable=trainable)
+        result.update(trainable=args.trainable, trained_params=sum(x.size for x in jax.tree.leaves(state["params"])))
         del model
         task = Classification(args.num_classes, label_smoothing=0.1)
         if mesh is not None:
@@ -293,7 +298,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
         else:
             st_sh = b_sh = None
         fn = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, base_key=jax.random.key(args.seed),
-                                      state_shardings=st_sh, batch_shardings=b_sh, donate=True)
+                                      trainable=trainable, state_shardings=st_sh, batch_shardings=b_sh, donate=True)
         batch_tree = {"image": images, "label": labels}
         t0 = time.perf_counter()
         compiled = fn.lower(state, batch_tree).compile()
