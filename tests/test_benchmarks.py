@@ -34,6 +34,13 @@ def test_infer_and_train_json_lines(capsys):
     assert rows[1]["final_loss"] > 0
 
 
+def test_train_a_subset_reports_what_it_trained(capsys):
+    (row,) = throughput.main(TINY + ["--mode", "train", "--trainable", "^head/"])
+    assert row["trainable"] == ["^head/"] and 0 < row["trained_params"] < row["num_params"]
+    assert row["trained_params"] == 64 * 10 + 10         # the classifier: 64 features (8 x 2^3) -> 10
+    assert row["final_loss"] > 0
+
+
 def test_sharded_over_two_devices(capsys):   # conftest simulates 8 CPU devices
     (row,) = throughput.main(TINY + ["--mode", "infer", "--devices", "2"])
     assert row["devices"] == 2 and row["images_per_s"] > 0 and row["conv_impl"] == "xla"
