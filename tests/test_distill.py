@@ -34,14 +34,18 @@ def test_kl_matches_the_reference_definition(tau):
     np.testing.assert_allclose(distill.combine(2.0, got, cfg), 0.1 * 2.0 + 0.9 * tau ** 2 * got, rtol=1e-6)
 
 
-def test_distillation_config_errors():
+def test_distillation_config_errors(tmp_path):
     with pytest.raises(ValueError, match="alpha"):
         distill.Distillation(alpha=1.5)
     c = tiny_config()
     assert distill.config_from(c) is None  # off by default
     c.distill.teacher, c.distill.teacher_logits = "test_demonet_tiny", "logits.npy"
     with pytest.raises(loop.ConfigError, match="either teacher"):
-        loop.validate(c, "/tmp/x")
+        loop.run(c, tmp_path / "run")   # the task's config check, before anything is written
+    assert not (tmp_path / "run").exists()
+    c.distill.teacher = ""
+    with pytest.raises(loop.ConfigError, match="teacher_logits=logits.npy is not a file"):
+        loop.run(c, tmp_path / "run")
 
 
 def _demonet_step(alpha, lr, *, teacher=False, teacher_logits=None):

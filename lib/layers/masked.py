@@ -20,8 +20,8 @@ A masked layer computes with ``W_eff = W * mask(scores)``:
 Frozen weights either are regenerated from a seed and a weight-sharing strategy (PEMN: their
 ``source`` metadata is a :class:`WeightSource`, see ``lib.layers.prototypes``) and then never stored
 in checkpoints, or are ordinary weights that must be stored (``source=None``: Mask Fine-Tuning of
-an existing model, :func:`mask_model`). :func:`split_regenerable` / :func:`frozen_manifest` /
-:func:`check_frozen_manifest` are what ``lib.train.checkpoint`` uses for that.
+an existing model, :func:`mask_model`). :func:`frozen_manifest` / :func:`check_frozen_manifest` record
+and check them for ``lib.train.checkpoint`` and ``lib.zoo``'s weights directories.
 
 :func:`bake` multiplies the masks into the weights and returns an ordinary model (``Linear`` /
 ``Conv`` with ``nnx.Param`` kernels).
@@ -350,29 +350,6 @@ def is_regenerable(path, value) -> bool:
 def is_stored_frozen(path, value) -> bool:
     """nnx filter: a FrozenWeight that cannot be regenerated (Mask Fine-Tuning's), so it is stored."""
     return isinstance(value, FrozenWeight) and not is_regenerable(path, value)
-
-
-def split_regenerable(tree: dict) -> tuple[dict, dict]:
-    """Split a train-state dict into (what a checkpoint stores, the regenerable frozen weights).
-
-    Every ``nnx.State`` entry of ``tree`` loses its regenerable :class:`FrozenWeight` leaves; the
-    second dict holds them under the same keys (entries without any are left out).
-    """
-    stored, regenerable = dict(tree), {}
-    for key, value in tree.items():
-        if isinstance(value, nnx.State):
-            frozen_part, rest = nnx.split_state(value, is_regenerable, ...)
-            if jax.tree.leaves(frozen_part):
-                stored[key], regenerable[key] = rest, frozen_part
-    return stored, regenerable
-
-
-def merge_regenerable(stored: dict, regenerable: dict) -> dict:
-    """Inverse of :func:`split_regenerable`."""
-    out = dict(stored)
-    for key, frozen_part in regenerable.items():
-        out[key] = nnx.merge_state(stored[key], frozen_part)
-    return out
 
 
 def _sha256(x: jax.Array) -> str:

@@ -22,6 +22,7 @@ The teacher comes from one of two places (``config.distill``):
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -123,6 +124,8 @@ def config_from(config) -> Distillation | None:
         return None
     if d.get("teacher") and d.get("teacher_logits"):
         raise ValueError("distill: set either teacher (a zoo model) or teacher_logits (a .npy file), not both")
+    if d.get("teacher_logits") and not Path(d.teacher_logits).is_file():
+        raise ValueError(f"distill.teacher_logits={d.teacher_logits} is not a file")
     return Distillation(alpha=float(d.get("alpha", 0.9)), tau=float(d.get("tau", 1.0)))
 
 
@@ -173,7 +176,7 @@ def compute_teacher_logits(model: nnx.Module, input_cfg, *, batch_size: int = 25
     rows = []
     for batch in pipeline:
         logits = np.asarray(forward(state, batch["image"]), np.float32)
-        rows.append(logits[batch["valid"] > 0])  # drop the eval padding at the end
+        rows.append(logits[batch[data.VALID_KEY] > 0])  # drop the eval padding at the end
     return np.concatenate(rows)
 
 

@@ -56,9 +56,9 @@ class Checkpointer:
 
     def _check_frozen(self, step: int) -> None:
         """Before anything is restored: the checkpoint's frozen manifest equals this run's."""
-        path = Path(self.manager.directory) / str(step) / "frozen"
-        saved = ocp.args.JsonRestore() if path.exists() else None
-        saved = self.manager.restore(step, args=ocp.args.Composite(frozen=saved))["frozen"] if saved else {}
+        saved = {}
+        if (Path(self.manager.directory) / str(step) / "frozen").exists():
+            saved = self.manager.restore(step, args=ocp.args.Composite(frozen=ocp.args.JsonRestore()))["frozen"]
         current = self.frozen_manifest() or {}
         try:
             masked.check_frozen_manifest(saved.get("weights", {}), current.get("weights", {}))
@@ -81,23 +81,16 @@ class Checkpointer:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
                 self._check_frozen(step)
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except masked.FrozenWeightMismatch:
                 raise
-            except Exception as e:  # noqa: BLE001 - an unreadable manifest: the step is unreadable
-                self._unreadable(step, e)
-                continue
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
-                self._unreadable(step, e)
+                kept = self._set_aside(step)
+                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); it was moved to %s (nothing is "
+                            "deleted) and an earlier one is tried", step, self.directory, type(e).__name__, e, kept)
                 continue
             return restored["state"], step
         return None, None
-
-    def _unreadable(self, step: int, error: Exception) -> None:
-        kept = self._set_aside(step)
-        log.warning("checkpoint at step %d in %s is unreadable (%s: %s); it was moved to %s (nothing is "
-                    "deleted) and an earlier one is tried", step, self.directory, type(error).__name__, error, kept)
 
     def _set_aside(self, step: int) -> Path:
         """Rename an unreadable step directory so training can write that step again."""

@@ -81,15 +81,6 @@ def validate(config, workdir: Path):
         data.pipeline.validate_config(config.input, batch_size=config.input.batch_size // jax.process_count())
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
-    if config.get("distill"):
-        from lib.tasks import distillation
-        try:
-            distillation.config_from(config)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        logits_file = config.distill.get("teacher_logits")
-        if logits_file and not Path(logits_file).is_file():
-            raise ConfigError(f"distill.teacher_logits={logits_file} is not a file")
     return mesh
 
 

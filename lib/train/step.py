@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lib.layers.masked import FrozenWeight
-from lib.train.task import Task
+from lib.train.task import Task, mean_of
 
 # What is never trained: parameters outside the trainable subset and weights that are frozen by kind.
 FROZEN = nnx.Any(nnx.Param, FrozenWeight)
@@ -127,7 +127,6 @@ class TrainStep:
 
 
 _TASK_CONSTANTS = object()
-_TINY = 1e-12   # a count floor: a micro-batch with nothing to count (all tokens masked) adds zero, not NaN
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, frozen, base_key: jax.Array,
@@ -150,7 +149,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, f
             nnx.reseed(model, dropout=jax.random.fold_in(key, 1), policy=_stream_policy)
             (total, count), metrics = task.loss(model, batch, key, consts)
             new_rest = nnx.split(model, trainable, FROZEN, ...)[3]
-            return total / jnp.maximum(count, _TINY), (total, count, metrics, new_rest)
+            return mean_of((total, count)), (total, count, metrics, new_rest)
 
         (_, (total, count, metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return (total, count), metrics, rest, grads
@@ -168,17 +167,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, task: Task, *, f
                 outs.append(micro_step(params, rest, part, jax.random.fold_in(key, 2 + i), frozen, consts))
                 rest = outs[-1][2]
             loss, metrics = jax.tree.map(lambda *x: sum(x), *[(o[0], o[1]) for o in outs])
-            total_count = jnp.maximum(loss[1], _TINY)
             grads = jax.tree.map(jnp.zeros_like, params)
             for (_, count), _, _, g in outs:
-                grads = jax.tree.map(lambda s, x: s + x * (count / total_count), grads, g)
+                share = mean_of((count, loss[1]))   # this micro-batch's share of the whole count
+                grads = jax.tree.map(lambda s, x: s + x * share, grads, g)
         updates, opt = tx.update(grads, state["opt"], params)
         params = optax.apply_updates(params, updates)
         ema = state["ema"]
         if ema is not None:
             ema = jax.tree.map(lambda e, p: options.ema_decay * e + (1 - options.ema_decay) * p, ema, params)
-        logged = {"loss": loss[0] / loss[1],
-                  **{name: total / jnp.maximum(count, 1e-12) for name, (total, count) in metrics.items()},
+        logged = {"loss": mean_of(loss), **{name: mean_of(pair) for name, pair in metrics.items()},
                   "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
         new_state = {"params": params, "rest": rest, "opt": opt, "ema": ema, "step": state["step"] + 1}
         return new_state, logged
@@ -206,8 +204,8 @@ class EvalStep:
         return self.jitted(params, self.frozen, rest, batch, self.consts)
 
 
-def make_eval_step(graphdef, task: Task, *, frozen, consts: Any = _TASK_CONSTANTS, state_shardings=None,
-                   batch_shardings=None) -> EvalStep:
+def make_eval_step(graphdef, task: Task, *, frozen, consts: Any = _TASK_CONSTANTS) -> EvalStep:
+    """The eval step of ``task``; its inputs keep the shardings they arrive with."""
     consts = task.constants() if consts is _TASK_CONSTANTS else consts
 
     def evaluate(params, frozen, rest, batch, consts):
@@ -215,8 +213,4 @@ def make_eval_step(graphdef, task: Task, *, frozen, consts: Any = _TASK_CONSTANT
         model.eval()
         return task.evaluate(model, batch, consts)
 
-    if state_shardings is None:
-        return EvalStep(jax.jit(evaluate), frozen, consts)
-    return EvalStep(jax.jit(evaluate, in_shardings=(state_shardings["params"], shardings_of(frozen),
-                                                    state_shardings["rest"], batch_shardings, shardings_of(consts))),
-                    frozen, consts)
+    return EvalStep(jax.jit(evaluate), frozen, consts)

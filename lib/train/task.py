@@ -16,7 +16,7 @@ included: the mean is ``sum of sums / sum of counts``, never a mean of means).
 What a task may also own:
 
 * ``trainable``: an nnx filter of the variables it trains (default every ``nnx.Param``); the
-  config's ``trainable`` path regexes narrow it further (``lib.train.state``).
+  config's ``trainable`` path regexes narrow it further (``lib.train.step.trainable_filter``).
 * ``wrap(model, rngs)`` / ``unwrap(wrapped)``: extra trained modules (distillation heads) put
   around the model for training, dropped again for ``best/`` and exports.
 * ``constants()``: untrained inputs of the step (a teacher's state), passed as non-donated jit
