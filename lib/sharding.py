@@ -13,11 +13,15 @@ Logical axis names used by the library:
 ``out_channels`` output features of a conv / linear kernel, and its bias
 ``channels``     per-channel vectors: norm scale/bias, BatchNorm statistics, layer scales
 ``classes``      the classifier's output dimension
+``heads``        a transformer's attention width (qkv outputs, the attention projection's input):
+                 tensor parallelism maps it to the model axis (Megatron's column/row split)
+``mlp``          a transformer's FFN hidden width (fc1 / SwiGLU w12 outputs, fc2 / w3 inputs)
 ``batch``        the batch dimension of activations and of input batches
 ===============  ==========================================================================
 
 Example rules: ``(("batch", "data"),)`` (default, data parallel); FSDP over the data axis:
-``(("batch", "data"), ("out_channels", "data"), ("classes", "data"))``. A dimension whose size does
+``(("batch", "data"), ("out_channels", "data"), ("classes", "data"))``; a ViT adds
+``("heads", "data"), ("mlp", "data")`` (FSDP) or ``("heads", "model"), ("mlp", "model")`` (tensor parallel). A dimension whose size does
 not divide the mesh axis falls back to replication, so the same rules serve every model size.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-LOGICAL_AXES = ("kernel_h", "kernel_w", "in_channels", "out_channels", "channels", "classes", "batch")
+LOGICAL_AXES = ("kernel_h", "kernel_w", "in_channels", "out_channels", "channels", "classes", "batch", "heads", "mlp")
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (("batch", "data"),)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import importlib.metadata
 import json
 import re
@@ -173,7 +174,8 @@ def create_model(name: str, *, rngs: int | jax.Array | nnx.Rngs = 0,
       mesh: create the parameters directly sharded over ``mesh`` (per ``sharding_rules``), so a
         large model never exists whole on one device.
       weights: a directory written by :func:`save_weights` (restored straight into the sharded
-        parameters) or an official PyTorch checkpoint file, loaded strictly (:func:`load_pretrained`).
+        parameters), an official PyTorch checkpoint file or a ``"hf-hub:org/name"`` id of timm
+        weights, loaded strictly (:func:`load_pretrained`).
       **overrides: model constructor arguments, passed to the factory as given, e.g.
         ``num_classes=10`` (a classifier's size; 0 gives a backbone returning pooled features;
         left out, the factory's own default, 1000 for the ImageNet classifiers),
@@ -181,30 +183,43 @@ def create_model(name: str, *, rngs: int | jax.Array | nnx.Rngs = 0,
         ``num_classes``.
     """
     info = model_info(name)
+    model = create_from_factory(functools.partial(info.factory, **overrides), rngs=rngs, abstract=abstract,
+                                mesh=mesh, sharding_rules=sharding_rules)
+    if weights is not None and not abstract:  # restored over the (sharded) initial values, shard by shard
+        load_pretrained(model, weights, mesh=mesh, sharding_rules=sharding_rules)
+    return model
+
+
+def create_from_factory(factory: Callable[..., nnx.Module], *, rngs: int | jax.Array | nnx.Rngs = 0,
+                        abstract: bool = False, mesh: Mesh | None = None,
+                        sharding_rules=sharding.DEFAULT_RULES, jit: bool = False) -> nnx.Module:
+    """``factory(rngs=nnx.Rngs(...))`` built concretely, abstractly, or directly sharded over ``mesh``
+    (see :func:`create_model`, which calls this for registered names). ``jit``: run the initialisers
+    as one compiled program instead of op by op (faster for deep models; values may differ in the
+    last bit from the eager build)."""
     key = _rngs_key(rngs)
 
     def build(k):
         # Initial values use the non-partitionable threefry: the same numbers whatever the mesh, and
         # the init program compiles ~3x faster on XLA:CPU. (Training randomness keeps JAX's default.)
         with jax.threefry_partitionable(False):
-            return info.factory(rngs=nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)), **overrides)
+            return factory(rngs=nnx.Rngs(params=k, dropout=jax.random.fold_in(k, 1)))
 
     if mesh is None:
         if abstract:
             return nnx.eval_shape(lambda: build(key))
-        model = build(key)
-    else:  # the shapes first, for the shardings
-        graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build(key)))
-        shardings = sharding.state_shardings(abstract_state, mesh, sharding_rules)
-        if abstract:
-            abstract_state = jax.tree.map(
-                lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-                abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-            return nnx.merge(graphdef, abstract_state)
-        model = nnx.merge(graphdef, jax.jit(lambda k: nnx.split(build(k))[1], out_shardings=shardings)(key))
-    if weights is not None:  # restored over the (sharded) initial values, shard by shard
-        load_pretrained(model, weights, mesh=mesh, sharding_rules=sharding_rules)
-    return model
+        if not jit:
+            return build(key)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(key)))
+        return nnx.merge(graphdef, jax.jit(lambda k: nnx.split(build(k))[1])(key))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: build(key)))   # the shapes first, for the shardings
+    shardings = sharding.state_shardings(abstract_state, mesh, sharding_rules)
+    if abstract:
+        abstract_state = jax.tree.map(
+            lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+            abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return nnx.merge(graphdef, abstract_state)
+    return nnx.merge(graphdef, jax.jit(lambda k: nnx.split(build(k))[1], out_shardings=shardings)(key))
 
 
 def count_params(model: nnx.Module) -> int:
@@ -235,8 +250,13 @@ def load_torch_weights(model: nnx.Module, source: str | Path | Mapping[str, Any]
         what was skipped.
       use_ema: take ``state_dict_ema`` (timm's EMA weights) instead of ``state_dict``.
     """
+    if hasattr(model, "load_state_dict"):   # models with their own name table (the LLaMA decoder: HF names)
+        return model.load_state_dict(source, strict=strict)
     obj = torch_to_nnx.read_checkpoint(source) if isinstance(source, (str, Path)) else source
     state_dict = torch_to_nnx.unwrap_state_dict(obj, use_ema=use_ema)
+    adapt = getattr(type(model), "adapt_torch_state_dict", None)   # a model's other layouts, its one-line diagnosis
+    if adapt is not None:
+        state_dict = adapt(model, state_dict, strict=strict)
     return torch_to_nnx.assign_state_dict(model, state_dict, _key_map_for(model), strict=strict)
 
 
@@ -288,8 +308,17 @@ def load_pretrained(model: nnx.Module, path: str | Path, *, strict: bool = True,
                     mesh: Mesh | None = None, sharding_rules=sharding.DEFAULT_RULES) -> ConversionReport | None:
     """Weights in either format into ``model``: a :func:`save_weights` directory (:func:`load_weights`,
     ``mesh`` and ``sharding_rules`` apply) or an official PyTorch checkpoint file
-    (:func:`load_torch_weights`, ``strict`` and ``use_ema`` apply). Returns the PyTorch conversion
-    report, or None for a directory."""
+    (:func:`load_torch_weights`, ``strict`` and ``use_ema`` apply). ``path`` may also be a hub id
+    such as ``"hf-hub:timm/starnet_s1.in1k"``: its ``model.safetensors`` (timm's key names) from the
+    local Hugging Face cache (:func:`lib.hub.resolve`; downloaded only when allowed). Returns the
+    PyTorch conversion report, or None for a directory."""
+    if hasattr(model, "open_checkpoint"):   # a model with its own checkpoint format (LLaMA: HF dirs, GGUF)
+        p = Path(path)
+        if p.suffix == ".gguf" or (p / "config.json").exists() or not p.exists():
+            return model.load_state_dict(model.open_checkpoint(path), strict=strict)
+    if isinstance(path, str) and path.startswith("hf-hub:"):
+        from lib import hub
+        path = hub.resolve(path, filename="model.safetensors")
     path = Path(path)
     if path.is_dir():
         load_weights(model, path, mesh=mesh, sharding_rules=sharding_rules)

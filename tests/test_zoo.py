@@ -248,6 +248,10 @@ def test_every_models_module_is_an_entry_point():
     """setup.cfg declares each project's models module, and the installed metadata is current."""
     registering = {f"projects.{p.parent.name}.models" for p in (ROOT / "projects").glob("*/models.py")
                    if "zoo.register_model" in p.read_text()}
+    for p in [*(ROOT / "lib" / "models").glob("*.py"), *(ROOT / "lib" / "models").glob("*/__init__.py")]:
+        if "zoo.register_model" in p.read_text():   # models shared by several projects (LLaMA, DINOv2)
+            module = p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+            registering.add(module.removesuffix(".__init__"))
     declared = {ep.value for ep in importlib.metadata.entry_points(group=zoo.ENTRY_POINT_GROUP)}
     assert registering == declared, ("reinstall (pip install -e .) after editing [options.entry_points] "
                                      f"in setup.cfg: {registering ^ declared}")

@@ -120,8 +120,12 @@ def validate_config(cfg: Any, *, batch_size: int, check_dataset: bool = True) ->
     """Raise a clear error for a config that cannot work, before any data is touched.
 
     ``check_dataset=False`` skips the checks of ``dataset`` / ``name`` / ``data_dir`` (used when
-    the caller supplies its own source).
+    the caller supplies its own source). Text configs (:mod:`lib.data.text`) are checked there.
     """
+    if _is_text(cfg):
+        from lib.data import text
+        text.validate_text_config(cfg, batch_size=batch_size, check_path=check_dataset)
+        return
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise ValueError(f"batch_size (per process) must be a positive int, got {batch_size!r}")
     if check_dataset:
@@ -152,9 +156,18 @@ def validate_config(cfg: Any, *, batch_size: int, check_dataset: bool = True) ->
         transforms.RandAugment.from_string(_get(cfg, "auto_augment"))  # raises ValueError if malformed
 
 
+def _is_text(cfg: Any) -> bool:
+    from lib.data.text import TEXT_DATASETS  # text imports this module: import when called
+    return _get(cfg, "dataset") in TEXT_DATASETS
+
+
 def make_source(cfg: Any, split: str):
-    """The random-access source of a whole split (not yet sharded) for ``cfg.dataset``."""
+    """The random-access source of a whole split (not yet sharded) for ``cfg.dataset``; for a
+    text dataset (:mod:`lib.data.text`), the list of the split's records."""
     kind = _get(cfg, "dataset")
+    if _is_text(cfg):
+        from lib.data import text
+        return text.load_split(cfg, train=split == _get(cfg, "train_split", "train"))
     if kind == "digits":
         return sources.DigitsSource("validation" if split in ("val", "validation") else split)
     if kind == "tfds":
@@ -252,6 +265,10 @@ def make_pipeline(input_cfg: Any, *, train: bool, batch_size: int, seed: int,
       (normalised), ``label`` int32 ``[b]``, any side data the source attaches, and in eval batches
       ``valid`` float32 ``[b]`` (0 marks the padding of the last batch).
     """
+    if _is_text(input_cfg):  # token rows instead of images: lib.data.text (tokenizer from input_cfg.tokenizer)
+        from lib.data import text
+        return text.make_text_pipeline(input_cfg, train=train, batch_size=batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count, records=source)
     validate_config(input_cfg, batch_size=batch_size, check_dataset=source is None)
     if process_index is None or process_count is None:
         import jax

@@ -13,12 +13,12 @@ class Linear(nnx.Module):
     """Dense layer over the last axis; default init trunc_normal(0.02) with zero bias (timm)."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 init: str = "trunc_normal", out_axis: str = "out_channels", dtype=None,
+                 init: str = "trunc_normal", out_axis: str = "out_channels", in_axis: str = "in_channels", dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         kernel_init, bias_init = initializers.kernel_and_bias_init(init, in_features)
         self.kernel = sharding.param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
-                                     ("in_channels", out_axis))
+                                     (in_axis, out_axis))
         self.bias = (sharding.param(bias_init(rngs.params(), (out_features,), param_dtype), (out_axis,))
                      if use_bias else None)
 

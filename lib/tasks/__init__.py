@@ -3,7 +3,10 @@
     task = tasks.from_config(config, mesh=mesh, sharding_rules=rules)
 
 Built in: ``"classification"`` (with mixup/cutmix and label smoothing; logit distillation when
-``config.distill`` names a teacher or its logits). A project adds its own with
+``config.distill`` names a teacher or its logits); ``"causal_lm"`` (token cross-entropy for LLM pre-training and SFT:
+``lib.tasks.causal_lm``); ``"proteus"`` (feature distillation from a
+frozen ViT, no labels: ``lib.tasks.proteus``); ``"soup"`` (a learnable weight soup of frozen experts
+around any inner task, only the mixing weights trained: ``lib.soup``). A project adds its own with
 :func:`register_task` when its module is imported.
 """
 from __future__ import annotations
@@ -35,6 +38,11 @@ def from_config(config, *, mesh=None, sharding_rules=()) -> Task:
 def _register_builtin() -> None:
     from lib.tasks import classification
     register_task("classification", classification.from_config)
+    from lib.tasks import causal_lm
+    register_task("causal_lm", causal_lm.from_config)
+    from lib.tasks import proteus  # noqa: F401  (registers "proteus")
+    from lib import soup
+    register_task("soup", soup.from_config)
 
 
 _register_builtin()

@@ -166,6 +166,8 @@ def evaluate(eval_step, params, rest, pipeline, mesh, rules) -> dict[str, float]
     totals = jax.device_get(totals)
     result = {name: float(total) / max(float(count), 1e-12) for name, (total, count) in totals.items()}
     result["count"] = int(max(float(count) for _, count in totals.values()))
+    if getattr(eval_step, "task", None) is not None:
+        result.update(eval_step.task.derived(result))
     return result
 
 
@@ -225,9 +227,14 @@ def _trainable(config, task):
     """The trainable filter, checked on the abstract (wrapped) model: a filter that matches nothing
     is a :class:`ConfigError` before anything is written or compiled."""
     trainable = step_lib.trainable_filter(task.trainable, tuple(config.get("trainable", ())))
-    abstract = zoo.create_model(config.model.name, rngs=config.seed, abstract=True, **_model_kwargs(config, task))
+    kwargs = _model_kwargs(config, task)
+    try:   # built and wrapped inside one trace (a wrap may restructure the model: MFT splits its layer stack)
+        wrapped = nnx.eval_shape(lambda: task.wrap(zoo.create_model(config.model.name, rngs=config.seed, **kwargs),
+                                                   _wrap_rngs(config)))
+    except ValueError as e:   # the task's settings do not fit this model (e.g. layers out of range)
+        raise ConfigError(f"task {config.get('task', 'classification')!r} on {config.model.name}: {e}") from None
     try:
-        step_lib.split_model(nnx.eval_shape(lambda: task.wrap(abstract, _wrap_rngs(config))), trainable)
+        step_lib.split_model(wrapped, trainable)
     except step_lib.NothingTrainable as e:
         raise ConfigError(f"trainable={list(config.get('trainable', ()))}: {e}") from None
     return trainable
@@ -238,15 +245,19 @@ def _create_model(config, task, mesh, rules) -> nnx.Module:
     model_kwargs = _model_kwargs(config, task)
     model = zoo.create_model(config.model.name, rngs=config.seed, mesh=mesh, sharding_rules=rules, **model_kwargs)
     if config.get("init_from"):
-        _init_from(model, config.init_from, config.get("init_from_reinit", ""), use_ema=config.get("init_from_ema", False))
+        try:
+            _init_from(model, config.init_from, config.get("init_from_reinit", ""),
+                       use_ema=config.get("init_from_ema", False))
+        except (zoo.WeightConversionError, FileNotFoundError) as e:
+            raise ConfigError(str(e) if str(config.init_from) in str(e) else f"init_from={config.init_from}: {e}") from None
     if config.get("bn_stats", "global") == "per_shard":  # per-device statistics, as PyTorch DDP
         groups = mesh.shape.get("data", 1)
         for _, module in nnx.iter_graph(model):
             if isinstance(module, BatchNorm):
                 module.batch_groups = groups
     wrapped = task.wrap(model, _wrap_rngs(config))
-    if wrapped is not model:  # the task's own modules join the model on the mesh
-        nnx.update(wrapped, sharding.place(nnx.state(wrapped), mesh, rules))
+    # The task's own modules (heads, masks' scores) join the model on the mesh; placed arrays stay put.
+    nnx.update(wrapped, sharding.place(nnx.state(wrapped), mesh, rules))
     return wrapped
 
 
@@ -278,7 +289,8 @@ def setup(config, workdir: str | Path) -> Run:
     schedule = schedules.make_schedule(
         lr=config.lr, min_lr=config.min_lr, epochs=config.total_epochs, steps_per_epoch=steps_per_epoch,
         warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr, per_epoch=config.schedule_per_epoch,
-        kind=config.get("lr_schedule", "cosine"))
+        kind=config.get("lr_schedule", "cosine"), warmup_ratio=config.get("warmup_ratio", 0.0),
+        total_steps=total_steps)
     tx = optim.make_optimizer(schedule, name=config.optimizer, weight_decay=config.wd,
                               grad_clip=config.get("grad_clip"), momentum=config.get("momentum", 0.9),
                               decay_1d_params=config.get("decay_1d_params", False))

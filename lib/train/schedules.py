@@ -12,6 +12,8 @@ lr/20, 0])`` with integer-division knots, at ``t = epoch + (i+1)/len(loader)`` f
 """
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import optax
 
@@ -49,14 +51,28 @@ def piecewise_linear_lr(epoch, *, lr: float, epochs: int):
     return out
 
 
-SCHEDULES = ("cosine", "piecewise_linear")
+def linear_warmup_decay(step, *, lr: float, total_steps: int, warmup_steps: int):
+    """transformers' ``get_linear_schedule_with_warmup`` (open-instruct, Mask Fine-Tuning): ``lr *
+    step / warmup`` for the first ``warmup_steps`` updates (the very first update at 0), then linear
+    decay to 0 at ``total_steps``."""
+    step = jnp.asarray(step, jnp.float32)
+    warm = step / max(1, warmup_steps)
+    decay = jnp.maximum(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return lr * jnp.where(step < warmup_steps, warm, decay)
+
+
+SCHEDULES = ("cosine", "piecewise_linear", "linear")
 
 
 def make_schedule(*, lr: float, min_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0,
-                  warmup_lr: float = 1e-6, per_epoch: bool = True, kind: str = "cosine") -> optax.Schedule:
+                  warmup_lr: float = 1e-6, per_epoch: bool = True, kind: str = "cosine",
+                  warmup_ratio: float = 0.0, total_steps: int | None = None) -> optax.Schedule:
     """An optax schedule (step -> lr); ``kind`` names it (one of :data:`SCHEDULES`).
 
     ``"cosine"``: :func:`cosine_lr`; cooldown epochs simply run at min_lr.
+    ``"linear"``: :func:`linear_warmup_decay` over ``total_steps`` (default ``epochs *
+    steps_per_epoch``), warmup over ``warmup_ratio`` of them (or ``warmup_epochs``), per step;
+    ``min_lr``/``warmup_lr``/``per_epoch`` are ignored.
     ``"piecewise_linear"``: :func:`piecewise_linear_lr` at ``(step + 1) / steps_per_epoch`` (upstream
     sets the rate for batch ``i`` of an epoch at ``epoch + (i+1)/len(loader)`` before its update). It
     has its own warmup and ends at 0: ``min_lr`` and ``warmup_lr`` are ignored, and ``warmup_epochs``
@@ -66,6 +82,10 @@ def make_schedule(*, lr: float, min_lr: float, epochs: int, steps_per_epoch: int
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
     if kind not in SCHEDULES:
         raise ValueError(f"unknown lr_schedule {kind!r}; expected one of {SCHEDULES}")
+    if kind == "linear":   # per step; warmup over a fraction of all steps (HF: ceil(ratio * total))
+        total = int(total_steps) if total_steps else int(round(epochs * steps_per_epoch))
+        warmup = math.ceil(warmup_ratio * total) if warmup_ratio else int(round(warmup_epochs * steps_per_epoch))
+        return lambda step: linear_warmup_decay(step, lr=lr, total_steps=total, warmup_steps=warmup)
     if kind == "piecewise_linear":
         if warmup_epochs:
             raise ValueError(f"lr_schedule 'piecewise_linear' ramps up by itself; warmup_epochs must be 0, "

@@ -103,6 +103,26 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema
     return graphdef, state, frozen
 
 
+def abstract_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, ema: bool = False,
+                         trainable: Any = nnx.Param):
+    """:func:`init_train_state` for an abstract model (``jax.ShapeDtypeStruct`` leaves carrying their
+    shardings, e.g. ``zoo.create_model(..., abstract=True, mesh=mesh)``): the state's shapes and
+    shardings without memory, for ahead-of-time compilation (``step.lower(state, batch).compile()``)
+    of models this machine cannot hold. The moments shard like their parameters."""
+    graphdef, params, frozen, rest = split_model(model, trainable)
+    meshes = {x.sharding.mesh for x in jax.tree.leaves(params) if isinstance(x.sharding, NamedSharding)}
+    if len(meshes) != 1:
+        raise ValueError("abstract_train_state needs a model whose parameters are sharded over one mesh")
+    replicated = NamedSharding(next(iter(meshes)), P())
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, shardings_of(params),
+                                          transform_non_params=lambda _: replicated)
+    opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_shapes, opt_shardings)
+    state = {"params": params, "rest": rest, "opt": opt, "ema": params if ema else None,
+             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+    return graphdef, state, frozen
+
+
 def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
@@ -197,8 +217,8 @@ class EvalStep:
     """``evaluate(params, rest, batch) -> {metric: (sum, count)}`` with the frozen state and the
     task's constants bound; sum the pairs over batches (:func:`lib.train.loop.evaluate`)."""
 
-    def __init__(self, jitted, frozen, consts):
-        self.jitted, self.frozen, self.consts = jitted, frozen, consts
+    def __init__(self, jitted, frozen, consts, task=None):
+        self.jitted, self.frozen, self.consts, self.task = jitted, frozen, consts, task
 
     def __call__(self, params, rest, batch):
         return self.jitted(params, self.frozen, rest, batch, self.consts)
@@ -213,4 +233,4 @@ def make_eval_step(graphdef, task: Task, *, frozen, consts: Any = _TASK_CONSTANT
         model.eval()
         return task.evaluate(model, batch, consts)
 
-    return EvalStep(jax.jit(evaluate), frozen, consts)
+    return EvalStep(jax.jit(evaluate), frozen, consts, task)

@@ -87,6 +87,10 @@ class Task:
         """Eval metrics of one batch (model already in eval mode); padded rows have ``valid`` 0."""
         raise NotImplementedError
 
+    def derived(self, means: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from the eval means that are not means themselves (perplexity)."""
+        return {}
+
     def is_better(self, value: float, best: float | None) -> bool:
         if best is None:
             return True
