@@ -101,3 +101,24 @@ def test_op_profile_counts_a_loop_body_once_not_again_as_the_loop():
     report = op_profile.profile(compiled, lambda: compiled(x), steps=2)
     assert report["by_category_ms"].get("matmul", 0) > 0
     assert not [op for op in report["top_ops"] if op["op"].startswith("while")]   # its body is counted already
+
+
+def test_llm_benchmark_tiny_train_and_decode(tmp_path, capsys):
+    """benchmarks/llm.py on the tiny GQA decoder: a train row and a decode row with every key, and
+    --vs-torch without a PyTorch interpreter reported instead of failing."""
+    from benchmarks import llm
+    rows = llm.main(["--model", "llama_tiny_gqa", "--batch-size", "2", "--seq-len", "16", "--decode-batch", "2",
+                     "--prompt-len", "4", "--new-tokens", "3", "--steps", "1", "--warmup", "0", "--no-prefill",
+                     "--vs-torch", "--torch-python", str(tmp_path / "missing" / "python")])
+    assert _lines(capsys) == rows
+    train, torch_train, train_ratio, decode, _, decode_ratio = rows
+    for row, tokens in ((train, 2 * 16), (decode, 2 * 3)):
+        assert {"tokens_per_s", "mean_step_ms", "compile_s", "first_call_s", "xla_peak_bytes", "other_cpu_pct",
+                "num_params", "jax"} <= row.keys()
+        assert row["model"] == "llama_tiny_gqa" and row["num_params"] > 0 and row["compile_s"] > 0
+        assert abs(row["tokens_per_s"] - tokens / (row["mean_step_ms"] / 1000)) <= 0.01 * row["tokens_per_s"] + 0.1
+    assert train["mode"] == "train" and train["remat"] == "none" and train["final_loss"] > 0
+    assert train["xla_alias_bytes"] > 0                      # the train state is donated
+    assert decode["mode"] == "decode" and decode["new_tokens"] == 3 and "prefill_ms" not in decode
+    assert "not found" in torch_train["error"] and train_ratio["jax_over_torch_eager"] is None
+    assert decode_ratio["jax_tokens_per_s"] == decode["tokens_per_s"]
