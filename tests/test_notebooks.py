@@ -41,7 +41,9 @@ def kernel_env(tmp_path_factory):
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     # XLA:CPU at LLVM -O0 compiles 3-4x faster (creating a model under jit alone takes ~30 s at the
     # default level); these runs are compile-bound, and nothing here depends on the last ulp.
-    xla_flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0") if f)
+    xla_flags = os.environ.get("XLA_FLAGS", "")   # conftest.py already asks for -O0, unless told not to
+    if "--xla_backend_optimization_level" not in xla_flags:
+        xla_flags = " ".join(f for f in (xla_flags, "--xla_backend_optimization_level=0") if f)
     (spec_dir / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (tests)",
