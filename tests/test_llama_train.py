@@ -1,6 +1,8 @@
 """LLM fine-tuning through the generic loop: the causal-LM task learns, and a resumed run equals an
 uninterrupted one bit for bit (iterator state, optimizer, schedule); init_from an HF directory."""
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -21,9 +23,21 @@ def metrics(workdir):
     return [r for r in rows if "loss" in r and "final" not in r and "step" in r]
 
 
-def test_lm_training_learns_and_resumes_bit_for_bit(tmp_path):
+def test_lm_training_learns_and_resumes_bit_for_bit(tmp_path, monkeypatch):
     full = loop.run(tiny_config(total_steps=6, checkpoint_every=3), tmp_path / "full")
-    loop.run(tiny_config(total_steps=3, checkpoint_every=3), tmp_path / "resumed")
+    # Interrupted as a preempted job is (SIGTERM while fetching the third batch), not by a shorter
+    # run: the linear schedule's length is total_steps, so a 3-step run would be another schedule.
+    real, calls = loop._global_batch, []
+
+    def preempt_on_third_batch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_global_batch", preempt_on_third_batch)
+        first = loop.run(tiny_config(total_steps=6, checkpoint_every=0), tmp_path / "resumed")
+    assert first == {"preempted": True, "step": 3}
     resumed = loop.run(tiny_config(total_steps=6, checkpoint_every=3), tmp_path / "resumed")
     assert resumed == full
     a, b = metrics(tmp_path / "full"), {r["step"]: r for r in metrics(tmp_path / "resumed")}
