@@ -208,3 +208,20 @@ def test_alpha_only_train_step_and_expert_axis_sharding(llamas, tokens):
     placed = sharding.place(nnx.state(learn), mesh, (("expert", "expert"), ("batch", "data")))
     kernel = placed["experts"]["model"]["blocks"][0]["layer"]["self_attn"]["q_proj"]["kernel"]
     assert kernel.get_value().sharding.spec[0] == "expert" and kernel.get_value().shape[0] == 2
+
+
+def test_aot_memory_plan_of_a_learnable_soup(tmp_path):
+    """``projects.souplm.aot`` (the Vicuna+LLaVA memory plan) on a tiny LLaMA, in its own process (it
+    sets the number of simulated devices): K frozen experts FSDP-sharded, only the alphas trained."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "aot.json"
+    subprocess.run([sys.executable, "-m", "projects.souplm.aot", "--model", "llama_tiny_gqa", "--batch", "8",
+                    "--seq", "16", "--granularity", "layer", "--json", str(out)], check=True, capture_output=True)
+    r = json.loads(out.read_text())
+    n = zoo.count_params(zoo.create_model("llama_tiny_gqa", abstract=True))
+    assert r["frozen_values"] == 2 * n and r["devices"] == 8
+    layers = zoo.create_model("llama_tiny_gqa", abstract=True).config.num_hidden_layers
+    assert r["alpha_values"] == 2 * (layers + 2)     # [K, L] for the stack, one column each for embeddings and norm
+    assert 0 < r["total_per_device_bytes"] and r["argument_size_in_bytes"] < 4 * n   # sharded bf16, not whole

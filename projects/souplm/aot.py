@@ -41,6 +41,7 @@ def main(argv=None):
 
     from lib import sharding, soup, zoo
     from lib.tasks.causal_lm import CausalLM
+    from lib.train import aot
     from lib.train import step as step_lib
 
     if a.expert_axis:
@@ -58,21 +59,9 @@ def main(argv=None):
         learn = base
     else:
         learn = nnx.eval_shape(lambda: task.wrap(base, nnx.Rngs(0)))
-    graphdef, params, frozen, rest = step_lib.split_model(learn, task.trainable)
-
-    def with_shardings(tree):
-        shardings = sharding.state_shardings(tree, mesh, rules)
-        return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), tree, shardings,
-                            is_leaf=lambda x: isinstance(x, nnx.Variable))
-    params, frozen, rest = with_shardings(params), with_shardings(frozen), with_shardings(rest)
     tx = optax.adam(0.05)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, jax.tree.map(lambda x: x.sharding, params),
-                                          transform_non_params=lambda _: replicated)
-    opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes, opt_shardings)
-    state = {"params": params, "rest": rest, "opt": opt, "ema": None,
-             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+    graphdef, state, frozen = step_lib.abstract_train_state(aot.on_mesh(learn, mesh, rules), tx,
+                                                            trainable=task.trainable)
     bs = sharding.batch_sharding(mesh, rules, 2)
     batch = {k: jax.ShapeDtypeStruct((a.batch, a.seq), dt, sharding=bs)
              for k, dt in (("input_ids", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
@@ -85,28 +74,13 @@ def main(argv=None):
     t1 = time.time()
     compiled = lowered.compile()
     t2 = time.time()
-    mem = compiled.memory_analysis()
-    gib = 2 ** 30
-    n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
-    n_alpha = sum(x.size for x in jax.tree.leaves(params))
-    def shard_bytes(tree):
-        import numpy as np
-        return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
-                   for x in jax.tree.leaves(tree))
     result = {"model": a.model, "experts": 1 if a.baseline else a.experts,
               "granularity": "baseline (no soup)" if a.baseline else a.granularity, "devices": a.devices,
               "mesh": dict(mesh.shape), "rules": [list(r) for r in rules], "global_batch": a.batch, "seq": a.seq,
-              "remat": a.remat, "frozen_values": int(n_frozen), "alpha_values": int(n_alpha),
-              "experts_per_device_gib": round(shard_bytes(frozen) / gib, 3),
-              "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1)}
-    for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                  "generated_code_size_in_bytes", "peak_memory_in_bytes"):
-        value = getattr(mem, field, None)
-        if value is not None:
-            result[field.replace("_in_bytes", "_gib")] = round(value / gib, 3)
-    if mem is not None:
-        total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-        result["total_per_device_gib"] = round(total / gib, 3)
+              "remat": a.remat, "frozen_values": sum(x.size for x in jax.tree.leaves(frozen)),
+              "alpha_values": sum(x.size for x in jax.tree.leaves(state["params"])),
+              "experts_per_device_gib": round(aot.bytes_per_device(frozen) / aot.GIB, 3),
+              "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1), **aot.memory_report(compiled)}
     print(json.dumps(result, indent=1))
     if a.json:
         with open(a.json, "w") as f:
