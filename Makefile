@@ -30,9 +30,10 @@ demo: $(STAMP)
 	rm -rf workdirs/demo && mkdir -p workdirs
 	$(PY) -m projects.starnet.train --config configs/starnet/digits.py --workdir workdirs/demo
 
-# The suite is compile-bound and XLA compiles on one thread: one pytest worker per core (xdist).
+# The suite is compile-bound and XLA compiles on one thread: one pytest worker per core (xdist);
+# worksteal rebalances the slow tail (notebooks, resume runs) instead of leaving a worker idle.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --durations=25 tests
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=25 tests
 
 bench: $(STAMP)  # throughput of starnet_s1 (add --vs-timm after setting up benchmarks/README.md's torch env)
 	$(PY) -m benchmarks.throughput --model starnet_s1 --mode infer,train --batch-size 32 --resolution 224

@@ -92,7 +92,8 @@ def table(report: dict, metric: str) -> str:
     lines.append(f"\n{len(report['seeds'])} seeds; MFT masks layers {report['layers']} (10% of each projection).")
     if report["sweep"]:
         lines.append("Layer-group sweep (seed {}), MFT {}: ".format(report["seeds"][0], metric) +
-                     ", ".join(f"{g}: {100 * r[metric]:.1f}" for g, r in report["sweep"].items()) + ".")
+                     ", ".join(f"{g}: {100 * r[metric]:.1f} (loss {r['loss']:.4f})"
+                               for g, r in report["sweep"].items()) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="smollm2")
     p.add_argument("--collect", nargs="+", metavar="RESULTS_JSON",
                    help="only tabulate finished pipelines' results.json files (no training)")
+    p.add_argument("--collect-sweep", metavar="SWEEP_JSON", default="",
+                   help="with --collect: a finished sweep, {group: pipeline results}, for the table")
     args = p.parse_args(argv)
     if args.collect:
         outs = {}
@@ -138,8 +141,11 @@ def main(argv=None) -> int:
             out = json.loads(Path(f).read_text())
             outs[out["seed"]] = out
         layers = dict(x.split("=") for x in (outs[min(outs)]["arg"] or "layers=0-3").split(",")).get("layers", "0-3")
-        report(outs, config=args.config, layers=layers, sweep_rows={}, metric=args.metric, results_dir=RESULTS,
-               name=args.name)
+        sweep_rows = {}
+        if args.collect_sweep:
+            sweep_rows = {g: r["mft"] for g, r in json.loads(Path(args.collect_sweep).read_text()).items()}
+        report(outs, config=args.config, layers=layers, sweep_rows=sweep_rows, metric=args.metric,
+               results_dir=RESULTS, name=args.name)
         return 0
     run(args.config, Path(args.workdir), seeds=args.seeds, sweep=args.sweep, metric=args.metric, name=args.name)
     return 0
