@@ -49,7 +49,8 @@ def run(config: str, workdir: Path, *, seeds, sweep, metric: str = "exact_match"
             out = pipeline.run(config, d, extra_arg=f"layers={group}", seed=seeds[0])
             sweep_rows[group] = out["results"]["mft"]
         fft_score = out["results"]["fft"][metric]
-        best_group = max(sweep, key=lambda g: sweep_rows[g][metric])
+        # ties on the metric (e.g. exact match 0 everywhere at small budgets) go to the lower held-out loss
+        best_group = max(sweep, key=lambda g: (sweep_rows[g][metric], -sweep_rows[g]["loss"]))
         print(f"layer sweep ({metric}, FFT {fft_score:.4f}): " +
               ", ".join(f"{g}: {r[metric]:.4f}" for g, r in sweep_rows.items()) + f" -> {best_group}")
     outs = {}
