@@ -141,22 +141,9 @@ def _create(name: str, args, **kw):
 
 
 def _time(call, args):
-    """first_call_s, per-call seconds of the timed calls, CPU snapshots around them."""
+    """first_call_s, per-call seconds of the timed calls, the last output, CPU snapshots around them."""
     import jax
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    first = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        jax.block_until_ready(call())
-    times = []
-    cpu0 = machine.cpu_snapshot()
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        out = call()
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    cpu1 = machine.cpu_snapshot()
-    return first, times, out, cpu0, cpu1
+    return machine.time_calls(call, args.warmup, args.steps, wait=jax.block_until_ready)
 
 
 def _summary(tokens: int, times, first, compile_s, cpu0, cpu1, args) -> dict:

@@ -19,6 +19,25 @@ def rss_peak_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def time_calls(call, warmup: int, steps: int, wait=lambda out: out):
+    """Time ``call()``: seconds of the first call, then of each of ``steps`` calls after ``warmup``
+    untimed ones, the last output, and CPU snapshots around the timed calls. ``wait(out)`` returns
+    once the output exists (``jax.block_until_ready``; CPU PyTorch ops are synchronous)."""
+    t0 = time.perf_counter()
+    wait(call())
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        wait(call())
+    times = []
+    cpu0 = cpu_snapshot()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = wait(call())
+        times.append(time.perf_counter() - t0)
+    cpu1 = cpu_snapshot()
+    return first_s, times, out, cpu0, cpu1
+
+
 def cpu_snapshot():
     """(wall, all-CPU busy seconds from /proc/stat, this process's CPU seconds); busy is None off Linux."""
     busy = None

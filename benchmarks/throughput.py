@@ -310,19 +310,8 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
             box[0], metrics = compiled(box[0], fn.frozen, batch_tree, fn.consts)  # state donated: thread it through
             return box[0], metrics
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    first_call_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        jax.block_until_ready(call())
-    times = []
-    cpu0 = machine.cpu_snapshot()
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        out = call()
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    cpu1 = machine.cpu_snapshot()
+    first_call_s, times, out, cpu0, cpu1 = machine.time_calls(call, args.warmup, args.steps,
+                                                              wait=jax.block_until_ready)
     other_cpu, own_cores = machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), machine.own_cores(cpu0, cpu1)
     if mode == "train":
         loss = float(jax.device_get(out[1]["loss"]))

@@ -155,18 +155,7 @@ def _run(args, threads: int) -> dict:
                 return model(input_ids=prompts, attention_mask=mask, use_cache=True)
 
     try:
-        t0 = time.perf_counter()
-        out = call()
-        first_call_s = time.perf_counter() - t0
-        for _ in range(args.warmup):
-            call()
-        times = []
-        cpu0 = machine.cpu_snapshot()
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            out = call()   # CPU ops are synchronous: the result exists when the call returns
-            times.append(time.perf_counter() - t0)
-        cpu1 = machine.cpu_snapshot()
+        first_call_s, times, out, cpu0, cpu1 = machine.time_calls(call, args.warmup, args.steps)
         other_cpu, own_cores = machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), machine.own_cores(cpu0, cpu1)
         if args.mode == "decode":
             row["generated_shape"] = list(out.shape)

@@ -29,7 +29,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 
 import machine  # benchmarks/machine.py: this script's folder is on sys.path when run as a script
@@ -160,18 +159,7 @@ def _run(args, threads: int) -> dict:
             return loss
 
     try:
-        t0 = time.perf_counter()
-        step()
-        compile_s = time.perf_counter() - t0
-        for _ in range(args.warmup):
-            step()
-        times = []
-        cpu0 = machine.cpu_snapshot()
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            out = step()   # CPU ops are synchronous: the result exists when the call returns
-            times.append(time.perf_counter() - t0)
-        cpu1 = machine.cpu_snapshot()
+        compile_s, times, out, cpu0, cpu1 = machine.time_calls(step, args.warmup, args.steps)
         other_cpu, own_cores = machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), machine.own_cores(cpu0, cpu1)
     except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a working C++ compiler)
         row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
