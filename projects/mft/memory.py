@@ -44,6 +44,7 @@ def plan(model_name: str, layers: str, *, devices: int = 8, mesh_kind: str = "fs
     from flax import nnx
 
     from lib import sharding, zoo
+    from lib.data import text
     from lib.models import llama
     from lib.train import aot, optim, step as step_lib
     from projects.mft.task import MaskFineTuning, MaskSettings
@@ -60,8 +61,7 @@ def plan(model_name: str, layers: str, *, devices: int = 8, mesh_kind: str = "fs
     tx = optim.make_optimizer(lambda s: 2e-5, weight_decay=0.0, grad_clip=1.0)
     graphdef, state, frozen = step_lib.abstract_train_state(model, tx, trainable=task.trainable)
     b_sh = sharding.batch_sharding(mesh, rules, ndim=2)
-    inputs = {k: jax.ShapeDtypeStruct((batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=b_sh)
-              for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+    inputs = text.abstract_batch(batch, seq, b_sh)
     fn = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, base_key=jax.random.key(0),
                                   state_shardings=step_lib.shardings_of(state),
                                   batch_shardings={k: b_sh for k in inputs})

@@ -35,14 +35,13 @@ def main(argv=None):
 
     import jax
     jax.config.update("jax_num_cpu_devices", a.devices)
-    import jax.numpy as jnp
     import optax
     from flax import nnx
 
     from lib import sharding, soup, zoo
+    from lib.data import text
     from lib.tasks.causal_lm import CausalLM
-    from lib.train import aot
-    from lib.train import step as step_lib
+    from lib.train import aot, step as step_lib
 
     if a.expert_axis:
         mesh = sharding.make_mesh([("expert", a.experts), ("data", a.devices // a.experts)])
@@ -63,9 +62,7 @@ def main(argv=None):
     graphdef, state, frozen = step_lib.abstract_train_state(aot.on_mesh(learn, mesh, rules), tx,
                                                             trainable=task.trainable)
     bs = sharding.batch_sharding(mesh, rules, 2)
-    batch = {k: jax.ShapeDtypeStruct((a.batch, a.seq), dt, sharding=bs)
-             for k, dt in (("input_ids", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
-                           ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+    batch = text.abstract_batch(a.batch, a.seq, bs)
     train_step = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, base_key=jax.random.key(0),
                                           trainable=task.trainable, state_shardings=step_lib.shardings_of(state),
                                           batch_shardings=step_lib.shardings_of(batch))
