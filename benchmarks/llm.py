@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 from benchmarks import machine
-from benchmarks.throughput import _environment, _memory, _setup_process, _split
+from benchmarks.throughput import _emit, _environment, _memory, _setup_process, _split
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TORCH_PYTHON = os.environ.get("BENCH_TORCH_PYTHON") or str(HERE / ".torchenv" / "bin" / "python")
@@ -149,13 +149,9 @@ def _time(call, args):
 def _summary(tokens: int, times, first, compile_s, cpu0, cpu1, args) -> dict:
     mean, med = statistics.mean(times), statistics.median(times)
     return {"tokens_per_s": round(tokens / mean, 1), "tokens_per_s_median": round(tokens / med, 1),
-            "mean_step_ms": round(1000 * mean, 2), "median_step_ms": round(1000 * med, 2),
-            "min_step_ms": round(1000 * min(times), 2), "max_step_ms": round(1000 * max(times), 2),
+            "mean_step_ms": round(1000 * mean, 2), **machine.call_stats(times, cpu0, cpu1),
             "steps": args.steps, "warmup": args.warmup, "compile_s": round(compile_s, 2),
-            "first_call_s": round(first, 2), "rss_peak_mib": machine.rss_peak_mib(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "other_cpu_pct": machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1),
-            "own_cpu_cores": machine.own_cores(cpu0, cpu1)}
+            "first_call_s": round(first, 2)}
 
 
 def _profile(result, compiled, call, args):
@@ -320,43 +316,14 @@ def ratios(jax_row: dict, torch_rows: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------------
 # ahead-of-time compilation of sharded train steps
 # ------------------------------------------------------------------------------------------------
-def abstract_train_state(model, tx, mesh):
-    """``(graphdef, state, frozen)`` as ``lib.train.step.init_train_state`` builds them, but of
-    ``jax.ShapeDtypeStruct`` leaves carrying their shardings (the moments shard like their params)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from lib.train import step as step_lib
-
-    graphdef, params, frozen, rest = step_lib.split_model(model)
-    replicated = NamedSharding(mesh, P())
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, step_lib.shardings_of(params),
-                                          transform_non_params=lambda _: replicated)
-    opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_shapes, opt_shardings)
-    state = {"params": params, "rest": rest, "opt": opt, "ema": None,
-             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
-    return graphdef, state, frozen
-
-
-def _bytes_per_device(tree) -> int:
-    import jax
-    import numpy as np
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
-    return total
-
-
 def run_aot(name: str, mesh_kind: str, param_dtype: str, args) -> dict:
     import jax
     import jax.numpy as jnp
     from lib import sharding, zoo
+    from lib.data import text
     from lib.models import llama
     from lib.tasks.causal_lm import CausalLM
-    from lib.train import optim, step as step_lib
+    from lib.train import aot, optim, step as step_lib
 
     axes = AOT_MESHES[mesh_kind]
     result = {"framework": "jax", "mode": "aot_train", "model": name, "mesh": dict(axes), "rules": mesh_kind,
@@ -369,14 +336,13 @@ def run_aot(name: str, mesh_kind: str, param_dtype: str, args) -> dict:
                              param_dtype=jnp.dtype(param_dtype), remat=args.aot_remat)
     result["num_params"] = zoo.count_params(model)
     tx = optim.make_optimizer(lambda s: 1e-3, weight_decay=0.0)
-    graphdef, state, frozen = abstract_train_state(model, tx, mesh)
+    graphdef, state, frozen = step_lib.abstract_train_state(model, tx)
     del model
-    result["param_bytes_per_device"] = _bytes_per_device(state["params"])
-    result["state_bytes_per_device"] = _bytes_per_device(state)
+    result["param_bytes_per_device"] = aot.bytes_per_device(state["params"])
+    result["state_bytes_per_device"] = aot.bytes_per_device(state)
     b_sh = sharding.batch_sharding(mesh, rules, ndim=2)
     shape = (args.aot_batch, args.aot_seq)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=b_sh)
-             for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+    batch = text.abstract_batch(*shape, b_sh)
     fn = step_lib.make_train_step(graphdef, tx, CausalLM(), frozen=frozen, base_key=jax.random.key(0),
                                   state_shardings=step_lib.shardings_of(state),
                                   batch_shardings={k: b_sh for k in batch}, donate=True)
@@ -394,11 +360,6 @@ def run_aot(name: str, mesh_kind: str, param_dtype: str, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-def _emit(row: dict, rows: list[dict]) -> None:
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     _setup_process(args)          # malloc, thread pinning, simulated devices: before JAX starts

@@ -38,6 +38,16 @@ def time_calls(call, warmup: int, steps: int, wait=lambda out: out):
     return first_s, times, out, cpu0, cpu1
 
 
+def call_stats(times, cpu0, cpu1) -> dict:
+    """What every benchmark row reports of its timed calls (``time_calls``' times and CPU snapshots):
+    median / min / max ms, peak RSS, load average, other processes' CPU and the cores this one used."""
+    import statistics
+    return {"median_step_ms": round(1000 * statistics.median(times), 2),
+            "min_step_ms": round(1000 * min(times), 2), "max_step_ms": round(1000 * max(times), 2),
+            "rss_peak_mib": rss_peak_mib(), "loadavg": [round(v, 2) for v in os.getloadavg()],
+            "other_cpu_pct": other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), "own_cpu_cores": own_cores(cpu0, cpu1)}
+
+
 def cpu_snapshot():
     """(wall, all-CPU busy seconds from /proc/stat, this process's CPU seconds); busy is None off Linux."""
     busy = None

@@ -312,22 +312,16 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
 
     first_call_s, times, out, cpu0, cpu1 = machine.time_calls(call, args.warmup, args.steps,
                                                               wait=jax.block_until_ready)
-    other_cpu, own_cores = machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), machine.own_cores(cpu0, cpu1)
     if mode == "train":
         loss = float(jax.device_get(out[1]["loss"]))
         result["final_loss"] = round(loss, 4) if np.isfinite(loss) else str(loss)
     med = statistics.median(times)
     result.update({
         "images_per_s": round(batch / med, 2),
-        "median_step_ms": round(1000 * med, 2),
-        "min_step_ms": round(1000 * min(times), 2),
-        "max_step_ms": round(1000 * max(times), 2),
+        **machine.call_stats(times, cpu0, cpu1),
         "steps": args.steps, "warmup": args.warmup,
         "compile_s": round(compile_s, 2), "first_call_s": round(first_call_s, 2),
         **_memory(compiled),
-        "rss_peak_mib": machine.rss_peak_mib(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "other_cpu_pct": other_cpu, "own_cpu_cores": own_cores,
         **_environment(),
     })
     if args.profile:

@@ -156,7 +156,6 @@ def _run(args, threads: int) -> dict:
 
     try:
         first_call_s, times, out, cpu0, cpu1 = machine.time_calls(call, args.warmup, args.steps)
-        other_cpu, own_cores = machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), machine.own_cores(cpu0, cpu1)
         if args.mode == "decode":
             row["generated_shape"] = list(out.shape)
             assert out.shape == (args.batch_size, args.prompt_len + args.new_tokens), out.shape
@@ -178,16 +177,12 @@ def _run(args, threads: int) -> dict:
     row.update({
         "tokens_per_s": round(tokens_per_call / mean, 1),
         "tokens_per_s_median": round(tokens_per_call / med, 1),
-        "mean_step_ms": round(1000 * mean, 2), "median_step_ms": round(1000 * med, 2),
-        "min_step_ms": round(1000 * min(times), 2), "max_step_ms": round(1000 * max(times), 2),
+        "mean_step_ms": round(1000 * mean, 2), **machine.call_stats(times, cpu0, cpu1),
         "steps": args.steps, "warmup": args.warmup,
         # eager: no compilation; the first call (allocation, oneDNN kernel selection) is reported
         # as first_call_s, and compile_s only for torch.compile (its first call).
         "first_call_s": round(first_call_s, 2),
         "compile_s": round(first_call_s, 2) if args.variant == "compile" else None,
-        "rss_peak_mib": machine.rss_peak_mib(),
-        "loadavg": [round(v, 2) for v in os.getloadavg()],
-        "other_cpu_pct": other_cpu, "own_cpu_cores": own_cores,
     })
     print(json.dumps(row), flush=True)
     return row

@@ -160,7 +160,6 @@ def _run(args, threads: int) -> dict:
 
     try:
         compile_s, times, out, cpu0, cpu1 = machine.time_calls(step, args.warmup, args.steps)
-        other_cpu, own_cores = machine.other_cpu_pct(cpu0, cpu1, os.cpu_count() or 1), machine.own_cores(cpu0, cpu1)
     except Exception as e:  # noqa: BLE001 (e.g. torch.compile without a working C++ compiler)
         row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
         row["traceback_tail"] = traceback.format_exc()[-1500:]
@@ -171,14 +170,9 @@ def _run(args, threads: int) -> dict:
     med = statistics.median(times)
     row.update({
         "images_per_s": round(args.batch_size / med, 2),
-        "median_step_ms": round(1000 * med, 2),
-        "min_step_ms": round(1000 * min(times), 2),
-        "max_step_ms": round(1000 * max(times), 2),
+        **machine.call_stats(times, cpu0, cpu1),
         "steps": args.steps, "warmup": args.warmup,
         "compile_s": round(compile_s, 2),
-        "rss_peak_mib": machine.rss_peak_mib(),
-        "loadavg": [round(v, 2) for v in os.getloadavg()],
-        "other_cpu_pct": other_cpu, "own_cpu_cores": own_cores,
     })
     print(json.dumps(row), flush=True)
     return row
