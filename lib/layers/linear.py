@@ -27,7 +27,11 @@ class Linear(nnx.Module):
             raise ValueError(f"Linear expects {self.in_features} input features in the last axis, "
                              f"got shape {tuple(x.shape)}")
         dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
-        y = jnp.matmul(x.astype(dtype), self.kernel[...].astype(dtype))
+        # One 2-D matmul over all leading axes: the same products, but XLA:CPU computes the gradient
+        # of an N-D matmul with transposes around batched dots (a ViT-S MLP's forward + backward on
+        # [32, 257, 384] tokens: 549 ms as N-D, 358 ms as 2-D; PyTorch 364 ms).
+        y = jnp.matmul(x.reshape(-1, self.in_features).astype(dtype), self.kernel[...].astype(dtype))
+        y = y.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
