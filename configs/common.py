@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5))
     c.ema_decay = 0.0
     # Soft distillation (lib.tasks.distillation): a zoo teacher (+ weights) or precomputed logits; off when both empty.
-    c.distill = ml_collections.ConfigDict(dict(teacher="", teacher_weights="", teacher_logits="", alpha=0.9, tau=1.0))
+    c.distill = ml_collections.ConfigDict(dict(teacher="", teacher_weights="", teacher_kwargs=ml_collections.ConfigDict(),
+                                               teacher_logits="", alpha=0.9, tau=1.0))
     c.log_every = 50
     c.eval_every = 0                          # 0: only at the end
     c.checkpoint_every = 1000

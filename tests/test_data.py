@@ -87,6 +87,41 @@ def test_digits_pipeline_shapes_dtypes_labels():
     assert sum(b["valid"].sum() for b in val) == 300
 
 
+def test_photo_crops_are_fixed_per_index_and_grey_on_request():
+    train, val = sources.SamplePhotoCrops("train"), sources.SamplePhotoCrops("validation")
+    assert (len(train), len(val), train.num_classes) == (1500, 300, 2)
+    a, b = train[7], train[7]
+    np.testing.assert_array_equal(a["image"], b["image"])          # a fixed crop, not a fresh draw per read
+    assert a["image"].shape == (32, 32, 3) and a["image"].dtype == np.uint8
+    assert [train[i]["label"] for i in range(4)] == [0, 1, 0, 1]    # the photo it comes from
+    assert not np.array_equal(train[0]["image"], val[0]["image"])   # the splits draw other crops
+    grey = sources.SamplePhotoCrops("train", grayscale=True)[7]["image"]
+    np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
+    assert not np.array_equal(a["image"][..., 0], a["image"][..., 2])
+    with pytest.raises(ValueError, match="photos has splits"):
+        sources.SamplePhotoCrops("test")
+    cfg = small_cfg(dataset="photos", grayscale=True)
+    pipe = data.make_pipeline(cfg, train=True, batch_size=16, seed=0, process_index=0, process_count=1)
+    batch = next(iter(pipe))
+    assert pipe.num_examples == 1500 and batch["image"].shape == (16, 16, 16, 3)
+    pixels = batch["image"] * np.asarray(cfg.std) + np.asarray(cfg.mean)   # undo the normalisation
+    np.testing.assert_allclose(pixels[..., 0], pixels[..., 2], atol=1e-5)  # grey crops stay grey
+
+
+def test_train_classes_keep_only_those_labels_in_the_training_split():
+    cfg = small_cfg(train_classes=(0, 1, 2, 3, 4))
+    train = data.make_pipeline(cfg, train=True, batch_size=32, seed=0, process_index=0, process_count=1)
+    full = sources.DigitsSource("train")
+    assert train.num_examples == sum(full[i]["label"] < 5 for i in range(len(full)))
+    labels = np.concatenate([b["label"] for b in take(iter(train), train.steps_per_epoch)])
+    assert labels.max() == 4 and set(labels) == {0, 1, 2, 3, 4}
+    val = data.make_pipeline(cfg, train=False, batch_size=100, seed=0, process_index=0, process_count=1)
+    assert val.num_examples == 300 and max(int(b["label"].max()) for b in val) == 9   # evaluation: all classes
+    with pytest.raises(ValueError, match=r"train_classes=\(11,\): no training example"):
+        data.make_pipeline(small_cfg(train_classes=(11,)), train=True, batch_size=32, seed=0,
+                           process_index=0, process_count=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Pipelines: sharding, determinism, resume, padding
 

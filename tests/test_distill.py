@@ -144,3 +144,21 @@ def test_loop_distils(tmp_path, teacher_from):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["distill_kl"] > 0 for r in rows if "distill_kl" in r] == [True, True]
     assert result["count"] == 300  # the evaluation ran (its batches carry no teacher logits)
+
+
+def test_teacher_kwargs_build_the_teacher_the_weights_were_saved_from(tmp_path):
+    # A teacher of another shape than the zoo entry's default: without teacher_kwargs the strict load fails.
+    from lib.tasks import classification
+    kwargs = dict(img_size=28, patch_size=7, embed_dim=32, depth=1, num_heads=2)
+    teacher = zoo.create_model("dinov2_tiny", num_classes=10, rngs=5, **kwargs)
+    zoo.save_weights(teacher, tmp_path / "teacher")
+    c = tiny_config()
+    c.distill.teacher, c.distill.teacher_weights = "dinov2_tiny", str(tmp_path / "teacher")
+    with pytest.raises(Exception, match="shape"):
+        classification.from_config(c)
+    c.distill.teacher_kwargs = kwargs
+    task = classification.from_config(c)
+    loaded = nnx.merge(task.teacher_graphdef, task.constants())
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 28, 28, 3)), jnp.float32)
+    teacher.eval()
+    np.testing.assert_array_equal(loaded(x), teacher(x))

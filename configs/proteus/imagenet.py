@@ -24,7 +24,7 @@ def proteus_section(teacher: str, **kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         teacher=teacher, teacher_weights="", teacher_kwargs=ml_collections.ConfigDict(), teacher_dtype="bfloat16",
         mask_ratio=0.5, mask_probability=0.5, lambda_token=1.0, lambda_fea=1.0, lambda_patch=1.0,
-        train_classes=(), abstract_teacher=False) | kw)
+        abstract_teacher=False) | kw)
 
 
 def get_config(arg=None):

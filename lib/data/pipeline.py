@@ -31,13 +31,13 @@ from ml_collections import config_dict
 
 from lib.data import sources, transforms
 
-DATASETS = ("digits", "tfds", "imagefolder")
+DATASETS = ("digits", "tfds", "imagefolder", "photos")
 
 
 def default_input_config() -> ml_collections.ConfigDict:
     """The ``input`` section of a training config, with timm's ImageNet recipe defaults."""
     return ml_collections.ConfigDict(dict(
-        dataset="digits",                          # "digits" | "tfds" | "imagefolder"
+        dataset="digits",                          # "digits" | "tfds" | "imagefolder" | "photos"
         name=config_dict.placeholder(str),         # TFDS dataset name, e.g. "imagenet2012"
         data_dir=config_dict.placeholder(str),     # TFDS data dir (None: TFDS default) / image-folder root
         train_split="train",
@@ -57,6 +57,8 @@ def default_input_config() -> ml_collections.ConfigDict:
         num_threads=8,                             # threads per process, each preparing a whole batch
         prefetch=8,                                # batches prepared ahead (at least num_threads)
         shuffle=True,
+        train_classes=(),                          # keep only these labels in the training split (() = all)
+        grayscale=False,                           # photos: grey crops (3 channels)
     ))
 
 
@@ -168,8 +170,18 @@ def make_source(cfg: Any, split: str):
     if _is_text(cfg):
         from lib.data import text
         return text.load_split(cfg, train=split == _get(cfg, "train_split", "train"))
+    source = _image_source(cfg, kind, split)
+    if split == _get(cfg, "train_split", "train") and _get(cfg, "train_classes", ()):
+        source = sources.ClassSubset(source, _get(cfg, "train_classes"))
+    return source
+
+
+def _image_source(cfg: Any, kind: str, split: str):
     if kind == "digits":
         return sources.DigitsSource("validation" if split in ("val", "validation") else split)
+    if kind == "photos":
+        return sources.SamplePhotoCrops("validation" if split in ("val", "validation") else split,
+                                        grayscale=bool(_get(cfg, "grayscale", False)))
     if kind == "tfds":
         data_dir = _get(cfg, "data_dir")
         data_dir = str(Path(data_dir).expanduser()) if data_dir else None

@@ -11,6 +11,8 @@ so every kind of source is sharded the same way and ``process_index`` can be sim
 ``digits``       scikit-learn's bundled 8x8 digits (1797 images, 10 classes): offline smoke tests
 ``tfds``         any TFDS dataset prepared as ArrayRecord, read with ``tfds.data_source`` (no TF)
 ``imagefolder``  ``root/<split>/<class>/<image>``, class names sorted to label ids
+``photos``       random crops of scikit-learn's two sample photographs (label: which photo), a
+                 proxy dataset that shares nothing with a task's own images
 ===============  ==================================================================================
 """
 from __future__ import annotations
@@ -160,3 +162,72 @@ class ImageFolderSource:
 
     def __repr__(self) -> str:
         return f"ImageFolderSource(len={len(self)}, classes={self.num_classes})"
+
+
+class SamplePhotoCrops:
+    """Random crops of scikit-learn's two bundled photographs (``china.jpg``, ``flower.jpg``, 640x427).
+
+    Example ``i`` is a fixed crop (its own random generator, seeded by the split and ``i``): photo
+    ``i % 2``, a square of log-uniform side between ``min_side`` and ``max_side`` pixels at a uniform
+    position, resized to ``size`` (bicubic); ``grayscale`` turns it grey (kept 3 channels), to share a
+    grey task's colour statistics and nothing else. ``label`` is the photo. A miniature of the
+    "single image" proxy dataset of data-free distillation: the student sees textures and edges,
+    never the task's images.
+    """
+
+    SPLITS = ("train", "validation")
+    PHOTOS = ("china.jpg", "flower.jpg")
+    num_classes = 2
+
+    def __init__(self, split: str = "train", *, num_examples: int | None = None, size: int = 32,
+                 min_side: int = 16, max_side: int = 256, grayscale: bool = False):
+        from sklearn.datasets import load_sample_image  # bundled with scikit-learn: no download
+
+        if split not in self.SPLITS:
+            raise ValueError(f"photos has splits {self.SPLITS}, got {split!r}")
+        if not 0 < min_side <= max_side <= 427:
+            raise ValueError(f"photo crops need 0 < min_side <= max_side <= 427, got {min_side}, {max_side}")
+        self.split, self.size, self.grayscale = split, int(size), bool(grayscale)
+        self.num_examples = int(num_examples or (1500 if split == "train" else 300))
+        self.min_side, self.max_side = min_side, max_side
+        self._photos = [load_sample_image(name) for name in self.PHOTOS]
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = np.random.default_rng((self.SPLITS.index(self.split), int(index)))
+        photo = self._photos[index % 2]
+        side = int(round(np.exp(rng.uniform(np.log(self.min_side), np.log(self.max_side)))))
+        top = int(rng.integers(0, photo.shape[0] - side + 1))
+        left = int(rng.integers(0, photo.shape[1] - side + 1))
+        crop = Image.fromarray(photo[top:top + side, left:left + side])
+        if self.grayscale:
+            crop = crop.convert("L").convert("RGB")
+        image = np.asarray(crop.resize((self.size, self.size), Image.Resampling.BICUBIC))
+        return {"image": image, "label": index % 2}
+
+    def __repr__(self) -> str:
+        return f"SamplePhotoCrops({self.split}, len={len(self)}, size={self.size}, grayscale={self.grayscale})"
+
+
+class ClassSubset:
+    """The examples of ``source`` whose label is in ``classes`` (``input.train_classes``): train or
+    distil on some classes, probe on the others."""
+
+    def __init__(self, source: Any, classes: Sequence[int]):
+        self.source, self.classes = source, tuple(int(c) for c in classes)
+        labels = [int(source[i]["label"]) for i in range(len(source))]
+        self.indices = np.flatnonzero(np.isin(labels, self.classes))
+        if not len(self.indices):
+            raise ValueError(f"input.train_classes={self.classes}: no training example has one of these labels")
+        self.num_classes = getattr(source, "num_classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[int(self.indices[index])]

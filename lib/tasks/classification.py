@@ -65,5 +65,5 @@ def from_config(config, *, mesh=None, sharding_rules=()) -> Classification:
     if d.get("teacher_logits"):
         return distillation.LogitDistillation(config.num_classes, settings, teacher_logits=d.teacher_logits, **kwargs)
     teacher = distillation.load_teacher(d.teacher, d.get("teacher_weights"), num_classes=config.num_classes,
-                                        mesh=mesh, sharding_rules=sharding_rules)
+                                        kwargs=d.get("teacher_kwargs"), mesh=mesh, sharding_rules=sharding_rules)
     return distillation.LogitDistillation(config.num_classes, settings, teacher=teacher, **kwargs)

@@ -9,7 +9,7 @@ EfficientMod's recipe uses alpha 0.9 and tau 1 with a RegNetY-160 teacher.
 The teacher comes from one of two places (``config.distill``):
 
 * ``teacher``: any zoo model name, with ``teacher_weights`` (an official PyTorch checkpoint or a
-  directory written by ``zoo.save_weights``). It runs in eval mode inside the train step on the
+  directory written by ``zoo.save_weights``) and ``teacher_kwargs`` (the zoo model's overrides). It runs in eval mode inside the train step on the
   same (mixed-up) images the student sees, as upstream; its weights are the task's constants (a
   non-donated input of the step), never part of the train state or its checkpoints.
 * ``teacher_logits``: a ``.npy`` file ``[num_train_examples, num_classes]`` of precomputed logits
@@ -129,11 +129,14 @@ def config_from(config) -> Distillation | None:
     return Distillation(alpha=float(d.get("alpha", 0.9)), tau=float(d.get("tau", 1.0)))
 
 
-def load_teacher(name: str, weights: str | None, *, num_classes: int, mesh=None, sharding_rules=()) -> nnx.Module:
-    """A zoo model in eval mode with ``weights`` loaded strictly (no classifier re-initialisation:
-    a teacher whose head does not fit the task is an error, not a silent random head)."""
+def load_teacher(name: str, weights: str | None, *, num_classes: int, kwargs: dict | None = None, mesh=None,
+                 sharding_rules=()) -> nnx.Module:
+    """A zoo model (``kwargs``: its overrides) in eval mode with ``weights`` loaded strictly (no
+    classifier re-initialisation: a teacher whose head does not fit the task is an error, not a
+    silent random head)."""
     from lib import zoo
-    model = zoo.create_model(name, num_classes=num_classes, rngs=0, mesh=mesh, sharding_rules=sharding_rules)
+    model = zoo.create_model(name, num_classes=num_classes, rngs=0, mesh=mesh, sharding_rules=sharding_rules,
+                             **dict(kwargs or {}))
     if weights:
         zoo.load_pretrained(model, weights, strict=True)
     model.eval()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -144,11 +143,10 @@ class Proteus(Task):
     trainable = nnx.Param
 
     def __init__(self, teacher: nnx.Module, settings: ProteusSettings = ProteusSettings(), *, mesh=None,
-                 sharding_rules=(), train_classes=()):
+                 sharding_rules=()):
         if not hasattr(teacher, "forward_features") or not hasattr(teacher, "patch_size"):
             raise ValueError(f"the Proteus teacher must be a DINOv2-style ViT, got {type(teacher).__name__}")
         self.settings = settings
-        self.train_classes = tuple(train_classes)
         # on a mesh, both ViTs keep their token activations split over the batch axis (FSDP/data parallel)
         axis = dict(sharding_rules).get("batch")
         self.token_sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
@@ -159,13 +157,6 @@ class Proteus(Task):
 
     def constants(self):
         return self.teacher_state
-
-    def wrap_source(self, source, *, train: bool):
-        """With ``train_classes`` the training images are only those of these classes (the labels
-        choose images, they are never read by the loss): distil on some classes, probe on others."""
-        if not train or not self.train_classes:
-            return source
-        return ClassSubset(source, self.train_classes)
 
     def wrap(self, model, rngs):
         if getattr(model, "patch_size", None) != self.patch_size:
@@ -199,25 +190,6 @@ class Proteus(Task):
         valid = batch.get("valid")
         return {"loss": weighted(terms["loss"], valid),
                 **{f"{k}_loss": weighted(terms[k], valid) for k in ("token", "fea", "patch")}}
-
-
-class ClassSubset:
-    """The examples of ``source`` whose label is in ``classes`` (a random-access source)."""
-
-    def __init__(self, source: Any, classes):
-        import numpy as np
-        self.source, self.classes = source, tuple(classes)
-        labels = [int(source[i]["label"]) for i in range(len(source))]
-        self.indices = np.flatnonzero(np.isin(labels, self.classes))
-        if not len(self.indices):
-            raise ValueError(f"no training example has a label in {self.classes}")
-        self.num_classes = getattr(source, "num_classes", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        return self.source[int(self.indices[index])]
 
 
 def load_teacher(name: str, weights: str | None = None, *, dtype: str = "float32", kwargs: dict | None = None,
@@ -261,8 +233,7 @@ def from_config(config, *, mesh=None, sharding_rules=()) -> Proteus:
     size = config.input.get("image_size", 224)
     if size % teacher.patch_size:
         raise ValueError(f"input.image_size={size} is not a multiple of the patch size {teacher.patch_size}")
-    return Proteus(teacher, settings, mesh=mesh, sharding_rules=sharding_rules,
-                   train_classes=tuple(int(c) for c in p.get("train_classes", ())))
+    return Proteus(teacher, settings, mesh=mesh, sharding_rules=sharding_rules)
 
 
 def _register() -> None:
