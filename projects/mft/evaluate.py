@@ -8,7 +8,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 from lib.data import text
 from lib.models import llama
@@ -53,6 +52,3 @@ def evaluate_checkpoint(path: str | Path, config) -> dict:
     return out
 
 
-def mean_std(values) -> tuple[float, float]:
-    v = np.asarray(values, np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 
-from projects.mft import evaluate, pipeline
+from lib.stats import mean_std
+from projects.mft import pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("fft", "mft", "cfft", "random", "l1")
@@ -71,7 +72,7 @@ def report(outs: dict, *, config: str, layers: str, sweep_rows: dict, metric: st
     per_seed = {seed: outs[seed]["results"] for seed in seeds}
     seconds = {seed: outs[seed]["seconds"] for seed in seeds}
     best_group = layers
-    summary = {m: {k: evaluate.mean_std([per_seed[s][m][k] for s in seeds])
+    summary = {m: {k: mean_std([per_seed[s][m][k] for s in seeds])
                    for k in per_seed[seeds[0]][m]} for m in METHODS}
     report = {"config": config, "seeds": list(seeds), "layers": best_group, "sweep": sweep_rows,
               "per_seed": per_seed, "summary": summary, "seconds": seconds}
