@@ -32,10 +32,15 @@ Threads: XLA:CPU runs one intra-op thread pool over every core the process may u
 cores before JAX starts, and the PyTorch side calls ``torch.set_num_threads(N)``, so both frameworks
 get the same cores.
 
-``--vs-timm`` runs the same architecture from timm (the official PyTorch StarNet) in its own
-interpreter (``--torch-python``, default ``benchmarks/.torchenv/bin/python``; see
-``benchmarks/README.md``), eager and ``torch.compile``, same batch, resolution and threads, and then
-prints the ratios of JAX images/s to each. The PyTorch side is ``benchmarks/torch_side.py``.
+``--vs-timm`` runs the same architecture from timm (StarNet: the official PyTorch model; the DINOv2
+ViTs: timm's ``vit_*_patch14_[reg4_]dinov2``, see ``TIMM_MODELS``) in its own interpreter
+(``--torch-python``, default ``benchmarks/.torchenv/bin/python``; see ``benchmarks/README.md``), eager
+and ``torch.compile``, same batch, resolution, classes and threads, and then prints the ratios of
+JAX images/s to each. The PyTorch side is ``benchmarks/torch_side.py``.
+
+ViTs with a learned position embedding (the ``dinov2_*`` models) are created for the benchmark's
+resolution (``img_size=R``, recorded as ``model_img_size``; timm's counterpart likewise), so that
+no call interpolates the position embedding.
 """
 from __future__ import annotations
 
@@ -55,9 +60,21 @@ from benchmarks import machine
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TORCH_PYTHON = HERE / ".torchenv" / "bin" / "python"
-# Zoo models with a timm counterpart of the same name (timm >= 1.0.16).
-TIMM_MODELS = ("starnet_s050", "starnet_s100", "starnet_s150", "starnet_s1", "starnet_s2", "starnet_s3",
-               "starnet_s4")
+# Zoo model -> its timm counterpart: StarNet under the same name (timm >= 1.0.16), the DINOv2 ViTs
+# as timm's ports (timm drops DINOv2's unused mask_token, and the *_reg4 ports store the position
+# embedding without the CLS entry: see README, "DINOv2 ViTs against timm").
+TIMM_MODELS = {
+    **{name: name for name in ("starnet_s050", "starnet_s100", "starnet_s150", "starnet_s1", "starnet_s2",
+                               "starnet_s3", "starnet_s4")},
+    **{f"dinov2_vit{a}14{r}": f"vit_{size}_patch14_{'reg4_' if r else ''}dinov2"
+       for a, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")) for r in ("", "_reg")},
+}
+
+
+def native_img_size(model_name: str) -> bool:
+    """Models built for one input size (a learned position embedding over a fixed patch grid): the
+    benchmark creates them at its resolution (``img_size=R``), on both sides."""
+    return model_name.startswith("dinov2_")
 
 
 def _split(values, cast=str):
@@ -214,10 +231,10 @@ def _conv_impl_context(impl: str | None):
     return conv.conv_impl(impl)
 
 
-def _create(name, num_classes, dtype, remat, mesh, seed):
+def _create(name, num_classes, dtype, remat, mesh, seed, img_size=None):
     import jax.numpy as jnp
     from lib import zoo
-    kw = {}
+    kw = {} if img_size is None else {"img_size": img_size}
     if dtype == "bfloat16":
         kw["dtype"] = jnp.bfloat16
     if remat:
@@ -243,13 +260,16 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
               "dtype": dtype, "devices": args.devices, "threads": args.threads, "remat": bool(args.remat),
               "host_malloc": args.host_malloc, "host_malloc_applied": args.host_malloc_applied,
               "conv_impl": _conv_impl_name()}
+    img_size = res if res is not None and native_img_size(model_name) else None
+    if img_size is not None:
+        result["model_img_size"] = img_size
     if batch % args.devices:
         return {**result, "error": f"batch {batch} does not divide over {args.devices} devices"}
 
     mesh = sharding.make_mesh((("data", args.devices),), devices=jax.devices()[: args.devices]) \
         if args.devices > 1 else None
     try:
-        model = _create(model_name, args.num_classes, dtype, args.remat, mesh, args.seed)
+        model = _create(model_name, args.num_classes, dtype, args.remat, mesh, args.seed, img_size)
     except TypeError as e:
         if args.remat and "remat" in str(e):
             return {**result, "remat": "unsupported", "error": f"remat unsupported: {e}"}
@@ -310,14 +330,21 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
             box[0], metrics = compiled(box[0], fn.frozen, batch_tree, fn.consts)  # state donated: thread it through
             return box[0], metrics
 
+    out = measure(result, compiled, call, compile_s, batch, args)
+    if mode == "train":
+        result["final_loss"] = final_loss(out[1])
+    return result
+
+
+def measure(result: dict, compiled, call, compile_s: float, batch: int, args):
+    """Time ``call()`` (``compiled``'s program) as every JAX row is timed and add the row's fields:
+    ``images_per_s``, the step-time statistics, compile and first-call seconds, XLA memory, the
+    environment, and with ``args.profile`` the op profile. Returns the last output."""
+    import jax
     first_call_s, times, out, cpu0, cpu1 = machine.time_calls(call, args.warmup, args.steps,
                                                               wait=jax.block_until_ready)
-    if mode == "train":
-        loss = float(jax.device_get(out[1]["loss"]))
-        result["final_loss"] = round(loss, 4) if np.isfinite(loss) else str(loss)
-    med = statistics.median(times)
     result.update({
-        "images_per_s": round(batch / med, 2),
+        "images_per_s": round(batch / statistics.median(times), 2),
         **machine.call_stats(times, cpu0, cpu1),
         "steps": args.steps, "warmup": args.warmup,
         "compile_s": round(compile_s, 2), "first_call_s": round(first_call_s, 2),
@@ -328,7 +355,15 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
         from benchmarks import op_profile
         result["op_profile"] = op_profile.profile(compiled, call, steps=args.profile)
         print(op_profile.format_report(result["op_profile"]), file=sys.stderr, flush=True)
-    return result
+    return out
+
+
+def final_loss(metrics):
+    """A train step's logged ``loss`` as a rounded float (or its string if not finite)."""
+    import jax
+    import numpy as np
+    loss = float(jax.device_get(metrics["loss"]))
+    return round(loss, 4) if np.isfinite(loss) else str(loss)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -339,16 +374,20 @@ def run_torch(model_name: str, mode: str, batch: int, resolution: int, dtype: st
             "resolution": resolution, "dtype": dtype, "threads": args.threads}
     if model_name not in TIMM_MODELS:
         return [{**base, "error": f"no timm counterpart for {model_name}"}]
+    timm_name = TIMM_MODELS[model_name]
+    base["timm_model"] = timm_name
     if not Path(args.torch_python).exists():
         return [{**base, "error": f"PyTorch interpreter {args.torch_python} not found; "
                                   "see benchmarks/README.md (PyTorch comparison environment)"}]
     rows = []
     for variant in _split([args.torch_variants]):
-        cmd = [str(args.torch_python), str(HERE / "torch_side.py"), "--model", model_name, "--mode", mode,
+        cmd = [str(args.torch_python), str(HERE / "torch_side.py"), "--model", timm_name, "--mode", mode,
                "--batch-size", str(batch), "--resolution", str(resolution), "--dtype", dtype,
                "--threads", str(args.threads), "--warmup", str(args.warmup), "--steps", str(args.steps),
                "--variant", variant, "--seed", str(args.seed), "--num-classes", str(args.num_classes),
                "--host-malloc", args.host_malloc]
+        if native_img_size(model_name):
+            cmd += ["--img-size", str(resolution)]
         if args.channels_last:
             cmd.append("--channels-last")
         if args.torch_warm_cache:
@@ -365,15 +404,18 @@ def run_torch(model_name: str, mode: str, batch: int, resolution: int, dtype: st
             rows.append({**base, "variant": variant, "error": f"exit {proc.returncode}: "
                                                              f"{(proc.stderr or proc.stdout).strip()[-800:]}"})
             continue
-        rows.append(json.loads(lines[-1]))
+        row = json.loads(lines[-1])   # "model": the zoo name on both sides, "timm_model": timm's
+        rows.append({**row, "model": model_name, "timm_model": timm_name})
     return rows
 
 
 def ratios(jax_row: dict, torch_rows: list[dict]) -> dict:
     out = {"ratio": "jax_images_per_s / timm_images_per_s", "model": jax_row["model"], "mode": jax_row["mode"],
            "batch": jax_row["batch"], "resolution": jax_row["resolution"], "dtype": jax_row["dtype"],
-           "jax_images_per_s": jax_row.get("images_per_s")}
+           "jax_images_per_s": jax_row.get("images_per_s"), "jax_num_params": jax_row.get("num_params")}
     for row in torch_rows:
+        if row.get("num_params") is not None:
+            out.setdefault("timm_num_params", row["num_params"])
         v = row.get("variant", "?")
         key = {"eager": "timm_eager", "compile": "timm_compiled"}.get(v, f"timm_{v}")
         ips = row.get("images_per_s")

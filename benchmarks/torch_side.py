@@ -1,4 +1,4 @@
-"""The PyTorch half of ``benchmarks/throughput.py --vs-timm``: timm's (official) model, one JSON line.
+"""The PyTorch half of ``benchmarks/throughput.py --vs-timm``: timm's model, one JSON line.
 
 Runs in its own interpreter (``benchmarks/.torchenv``, see ``benchmarks/README.md``); it imports
 neither JAX nor the repository's models, only ``lib/host_malloc.py`` (plain ``ctypes``), so that both
@@ -7,6 +7,9 @@ sides run with the same malloc settings.
     benchmarks/.torchenv/bin/python benchmarks/torch_side.py --model starnet_s1 --mode train \
         --batch-size 32 --resolution 224 --threads 2 --variant compile
 
+* the model: ``timm.create_model(name, pretrained=False, num_classes=N)``, with ``--img-size R`` also
+  ``img_size=R`` (ViTs built for the input size, e.g. ``vit_small_patch14_dinov2``: no position
+  embedding interpolation per call).
 * ``infer``: ``model.eval()`` under ``torch.inference_mode()``.
 * ``train``: ``model.train()``; forward, ``CrossEntropyLoss(label_smoothing=0.1)``, backward, AdamW
   (lr 1e-3, weight decay 0.05 on >=2-D params only, as the JAX side) step, ``zero_grad``.
@@ -45,7 +48,7 @@ def _import_timm():
     PyPI's torchvision wheels link CUDA; with the CPU torch their C++ ops do not load, and
     torchvision then fails at import registering fake kernels for ``torchvision::nms`` / ``qnms``
     (RuntimeError "operator torchvision::nms does not exist"). Defining those two schemas lets it
-    import; timm's StarNet uses no torchvision operator.
+    import; neither timm's StarNet nor its ViTs use a torchvision operator.
     """
     global _TV_LIB
     import torch
@@ -78,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", choices=("eager", "compile"), default="eager")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--img-size", type=int, default=None,
+                   help="timm.create_model(..., img_size=N): a ViT built for this input size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--host-malloc", choices=("retain", "default"), default="retain",
                    help="retain: lib.host_malloc.retain_freed_memory() before torch starts (as the JAX side)")
@@ -120,7 +125,10 @@ def _run(args, threads: int) -> dict:
            "torchvision_workaround": tv_workaround,
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
            "inductor_cache": "warm" if args.warm_inductor_cache else "cold"}
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
+    kw = {} if args.img_size is None else {"img_size": args.img_size}
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kw)
+    if args.img_size is not None:
+        row["model_img_size"] = args.img_size
     row["num_params"] = sum(p.numel() for p in model.parameters())
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)

@@ -122,3 +122,23 @@ def test_llm_benchmark_tiny_train_and_decode(tmp_path, capsys):
     assert decode["mode"] == "decode" and decode["new_tokens"] == 3 and "prefill_ms" not in decode
     assert "not found" in torch_train["error"] and train_ratio["jax_over_torch_eager"] is None
     assert decode_ratio["jax_tokens_per_s"] == decode["tokens_per_s"]
+
+
+def test_proteus_split_reports_every_part(capsys):
+    """benchmarks/proteus_split.py on the tiny DINOv2 at its 56 px: a row per part with its share of
+    the step, and the summary line (no timing assertions)."""
+    from benchmarks import proteus_split
+    rows = proteus_split.main(["--student", "dinov2_tiny", "--teacher", "dinov2_tiny", "--resolution", "56",
+                               "--batch-size", "2", "--steps", "1", "--warmup", "0", "--ema-decay", "0"])
+    assert _lines(capsys) == rows
+    *parts, summary = rows
+    assert [r["part"] for r in parts] == ["step", "teacher", "student_step", "student_grad"]
+    for row in parts:
+        assert KEYS - {"mode"} <= row.keys(), KEYS - row.keys()
+        assert row["model"] == "dinov2_tiny" and row["teacher"] == "dinov2_tiny" and row["batch"] == 2
+        assert row["median_step_ms"] > 0 and row["share_of_step"] > 0 and row["teacher_img_size"] == 56
+    step, _, student_step, _ = parts
+    assert step["share_of_step"] == 1.0 and step["final_loss"] > 0 and student_step["final_loss"] > 0
+    assert step["xla_alias_bytes"] > 0                       # the train state is donated
+    assert summary["summary"] == "proteus_split" and summary["step_ms"] == step["median_step_ms"]
+    assert {"teacher_share", "student_step_share", "student_grad_share", "unaccounted_ms"} <= summary.keys()
