@@ -188,9 +188,7 @@ def run_train(name: str, args) -> dict:
                                   donate=True)
     batch = {k: jax.numpy.asarray(v) for k, v in
              make_train_batch(np.random.default_rng(args.seed), args.batch_size, args.seq_len, vocab).items()}
-    t0 = time.perf_counter()
-    compiled = fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s = machine.compile_timed(fn, state, batch)
     box = [state]
     del state
 
@@ -227,9 +225,7 @@ def run_decode(name: str, args) -> dict:
     graphdef, state = nnx.split(model)
     run, prefill, _ = gen._compiled(graphdef, gen.Sampling(), n, pad_id)
     inputs = (state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(args.seed), gen._stop_array(()))
-    t0 = time.perf_counter()
-    compiled = run.lower(*inputs).compile()
-    compile_s = time.perf_counter() - t0
+    compiled, compile_s = machine.compile_timed(run, *inputs)
 
     def call():
         return compiled(*inputs)
@@ -240,9 +236,8 @@ def run_decode(name: str, args) -> dict:
     result.update(_summary(b * n, times, first, compile_s, cpu0, cpu1, args), **_memory(compiled),
                   **_environment())
     if args.prefill:   # the prompt's forward alone, and from it the time per decode step
-        t0 = time.perf_counter()
-        compiled_prefill = prefill.lower(*inputs[:3]).compile()
-        result["prefill_compile_s"] = round(time.perf_counter() - t0, 2)
+        compiled_prefill, prefill_compile_s = machine.compile_timed(prefill, *inputs[:3])
+        result["prefill_compile_s"] = round(prefill_compile_s, 2)
         pre = []
         jax.block_until_ready(compiled_prefill(*inputs[:3]))
         for _ in range(max(3, args.steps)):

@@ -19,6 +19,14 @@ def rss_peak_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def compile_timed(jitted, *args):
+    """``jitted.lower(*args).compile()`` and its seconds (tracing, lowering and XLA compilation):
+    what every JAX row reports as ``compile_s``, apart from the calls."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
 def time_calls(call, warmup: int, steps: int, wait=lambda out: out):
     """Time ``call()``: seconds of the first call, then of each of ``steps`` calls after ``warmup``
     untimed ones, the last output, and CPU snapshots around the timed calls. ``wait(out)`` returns

@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from benchmarks import throughput
+from benchmarks import machine, throughput
 from benchmarks.throughput import _conv_impl_context, _conv_impl_name, _emit, _setup_process, _split
 
 PARTS = ("step", "teacher", "student_step", "student_grad")
@@ -161,7 +161,7 @@ def run_split(batch: int, res: int, teacher_dtype: str, dtype: str, args, rows: 
     def time_train_step(part, task_):
         fn = step_lib.make_train_step(graphdef, tx, task_, frozen=frozen, base_key=key, options=options,
                                       donate=True)
-        compiled, compile_s = _compile(fn.lower(box[0], batch_tree))
+        compiled, compile_s = machine.compile_timed(fn, box[0], batch_tree)
 
         def call():
             box[0], metrics = compiled(box[0], fn.frozen, batch_tree, fn.consts)
@@ -172,7 +172,7 @@ def run_split(batch: int, res: int, teacher_dtype: str, dtype: str, args, rows: 
         time_train_step("step", task)
 
     teacher_fn = jax.jit(task.teacher_tokens)
-    compiled, compile_s = _compile(teacher_fn.lower(images, task.constants()))
+    compiled, compile_s = machine.compile_timed(teacher_fn, images, task.constants())
     if "teacher" in args.parts:
         tokens = emit("teacher", compiled, lambda: compiled(images, task.constants()), compile_s)
     else:
@@ -192,7 +192,7 @@ def run_split(batch: int, res: int, teacher_dtype: str, dtype: str, args, rows: 
             return jax.value_and_grad(loss_fn)(params)
 
         args_ = (box[0]["params"], frozen, box[0]["rest"], batch_tree, tokens)
-        compiled, compile_s = _compile(jax.jit(grad).lower(*args_))
+        compiled, compile_s = machine.compile_timed(jax.jit(grad), *args_)
         emit("student_grad", compiled, lambda: compiled(*args_), compile_s)
 
     summary = {"summary": "proteus_split", **{k: base[k] for k in ("model", "teacher", "batch", "resolution",
@@ -203,13 +203,6 @@ def run_split(batch: int, res: int, teacher_dtype: str, dtype: str, args, rows: 
     if {"step", "teacher", "student_step"} <= medians.keys():
         summary["unaccounted_ms"] = round(medians["step"] - medians["teacher"] - medians["student_step"], 2)
     _emit(summary, rows)
-
-
-def _compile(lowered):
-    import time
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled, time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from benchmarks import machine
@@ -298,9 +297,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
             fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), in_shardings=(st_sh, img_sh))
         else:
             fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-        t0 = time.perf_counter()
-        compiled = fn.lower(state, images).compile()
-        compile_s = time.perf_counter() - t0
+        compiled, compile_s = machine.compile_timed(fn, state, images)
 
         def call():
             return compiled(state, images)
@@ -320,9 +317,7 @@ def run_jax(model_name: str, mode: str, batch: int, resolution: int | None, dtyp
         fn = step_lib.make_train_step(graphdef, tx, task, frozen=frozen, base_key=jax.random.key(args.seed),
                                       trainable=trainable, state_shardings=st_sh, batch_shardings=b_sh, donate=True)
         batch_tree = {"image": images, "label": labels}
-        t0 = time.perf_counter()
-        compiled = fn.lower(state, batch_tree).compile()
-        compile_s = time.perf_counter() - t0
+        compiled, compile_s = machine.compile_timed(fn, state, batch_tree)
         box = [state]
         del state
 
