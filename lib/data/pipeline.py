@@ -177,11 +177,11 @@ def make_source(cfg: Any, split: str):
 
 
 def _image_source(cfg: Any, kind: str, split: str):
-    if kind == "digits":
-        return sources.DigitsSource("validation" if split in ("val", "validation") else split)
-    if kind == "photos":
-        return sources.SamplePhotoCrops("validation" if split in ("val", "validation") else split,
-                                        grayscale=bool(_get(cfg, "grayscale", False)))
+    if kind in ("digits", "photos"):   # built-in sources: "train" and "validation" (alias "val")
+        split = "validation" if split in ("val", "validation") else split
+        if kind == "digits":
+            return sources.DigitsSource(split)
+        return sources.SamplePhotoCrops(split, grayscale=bool(_get(cfg, "grayscale", False)))
     if kind == "tfds":
         data_dir = _get(cfg, "data_dir")
         data_dir = str(Path(data_dir).expanduser()) if data_dir else None

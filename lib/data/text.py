@@ -96,6 +96,10 @@ TEXT_DATASETS = ("chat", "text", "arithmetic", "arithmetic_text")
 FILE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".txt")
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 
+# Skips (the record is not used) and notes (it is used, altered), as counted in TextStats.
+SKIP_KINDS = ("malformed", "unknown_role", "no_assistant", "template_error", "template_mismatch", "empty_mask",
+              "too_long", "too_short", "truncated_empty")
+
 
 def abstract_batch(rows: int, length: int, sharding=None) -> dict:
     """What the text pipeline yields for ``rows`` x ``length`` tokens, as ``jax.ShapeDtypeStruct``s
@@ -103,9 +107,6 @@ def abstract_batch(rows: int, length: int, sharding=None) -> dict:
     import jax
     return {k: jax.ShapeDtypeStruct((rows, length), np.float32 if k == "loss_mask" else np.int32, sharding=sharding)
             for k in BATCH_KEYS}
-# Skips (the record is not used) and notes (it is used, altered), as counted in TextStats.
-SKIP_KINDS = ("malformed", "unknown_role", "no_assistant", "template_error", "template_mismatch", "empty_mask",
-              "too_long", "too_short", "truncated_empty")
 
 
 def default_text_config() -> ml_collections.ConfigDict:

@@ -158,17 +158,18 @@ class Attention(nnx.Module):
     def __call__(self, x):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        scale = self.head_dim ** -0.5
-        if self.deterministic:
+        if self.deterministic:   # q, k, v as [B, H, N, hd]
             q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-            logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-            weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-            out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
-        else:
+            layout = "bh{}d"
+        else:                    # q, k, v as [B, N, H, hd]
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-            weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            layout = "b{}hd"
+        qs, ks = layout.format("q"), layout.format("k")
+        logits = jnp.einsum(f"{qs},{ks}->bhqk", q * self.head_dim ** -0.5, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum(f"bhqk,{ks}->{qs}", weights, v)
+        if self.deterministic:   # back to token-major for the projection
+            out = out.transpose(0, 2, 1, 3)
         return self.proj(out.reshape(b, n, -1))
 
 
